@@ -1,0 +1,47 @@
+# The two commands a fresh machine needs: `make book` and `make test`.
+# Both create .venv and install what they need; a second run reuses it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+JB := $(VENV)/bin/jupyter-book
+WIDGETS_JS := _build/widgets-js/STAMP
+
+.PHONY: venv book test bench doctor lint format clean widgets-js
+
+venv: $(STAMP)
+
+# Re-install only when the dependency list changes.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	@touch $@
+
+# The ipywidgets HTML manager, bundled from the npm registry so the built book
+# renders widgets offline (no CDN); see utils/html_manager/README.md.
+widgets-js: $(WIDGETS_JS)
+$(WIDGETS_JS): utils/html_manager/package.json utils/html_manager/build.sh
+	bash utils/html_manager/build.sh
+
+# Execute every chapter (labs on CPU/gloo unless enough GPUs) and write
+# _build/html. Jupyter Book's execution cache makes an unchanged rebuild fast.
+book: $(STAMP) $(WIDGETS_JS)
+	$(JB) build . -W -n --keep-going
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+doctor: $(STAMP)
+	$(PY) -m utils.doctor
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf _build .pytest_cache
