@@ -8,6 +8,7 @@ code, so every rank (and every reader) builds bit-identical models and data.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -15,12 +16,12 @@ from torch import nn
 from torch.nn import functional as F
 
 
+@contextmanager
 def _seeded(seed: int):
-    """A context in which the global RNG is seeded, restored afterwards."""
-    ctx = torch.random.fork_rng(devices=[])
-    ctx.__enter__()
-    torch.manual_seed(seed)
-    return ctx
+    """Seed the global RNG for a block, restoring its state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 class MLP(nn.Sequential):
@@ -30,14 +31,11 @@ class MLP(nn.Sequential):
         if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
             raise ValueError(f"MLP sizes must be >= 2 positive ints, got {sizes!r}")
         layers: list[nn.Module] = []
-        ctx = _seeded(seed)
-        try:
+        with _seeded(seed):
             for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
                 layers.append(nn.Linear(fan_in, fan_out))
                 if i < len(sizes) - 2:
                     layers.append(nn.ReLU())
-        finally:
-            ctx.__exit__(None, None, None)
         super().__init__(*layers)
         self.sizes = tuple(sizes)
 
@@ -103,8 +101,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig = GPTConfig(), *, seed: int = 0):
         super().__init__()
         self.cfg = cfg
-        ctx = _seeded(seed)
-        try:
+        with _seeded(seed):
             self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
             self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
             self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -115,8 +112,6 @@ class GPT(nn.Module):
                     nn.init.normal_(module.weight, std=0.02)
                     if getattr(module, "bias", None) is not None:
                         nn.init.zeros_(module.bias)
-        finally:
-            ctx.__exit__(None, None, None)
         if cfg.tie_weights:
             self.head.weight = self.tok.weight
 
