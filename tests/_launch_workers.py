@@ -1,0 +1,81 @@
+"""Worker functions for tests/test_launch.py: importable, so the ranks can find them.
+
+Run under torchrun it is also the check that ``launch`` joins an existing world::
+
+    python -m torch.distributed.run --nproc-per-node 2 -m tests._launch_workers
+"""
+
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from utils.launch import launch, rank_device, rank_print
+
+
+def rank_info():
+    """(rank, world_size, sum of ranks by all_reduce, threads, device)."""
+    t = torch.tensor([float(dist.get_rank())], device=rank_device())
+    dist.all_reduce(t)
+    return (
+        dist.get_rank(),
+        dist.get_world_size(),
+        int(t.item()),
+        torch.get_num_threads(),
+        str(rank_device()),
+    )
+
+
+def raise_on(bad_rank):
+    """Rank ``bad_rank`` raises; the others wait in an all_reduce."""
+    if dist.get_rank() == bad_rank:
+        raise ValueError(f"boom from rank {bad_rank}")
+    dist.all_reduce(torch.ones(1))
+    return dist.get_rank()
+
+
+def hang_in_collective(bad_rank):
+    """Rank ``bad_rank`` sleeps forever; the others wait for it in an all_reduce."""
+    if dist.get_rank() == bad_rank:
+        time.sleep(3600)
+    dist.all_reduce(torch.ones(1))
+    return dist.get_rank()
+
+
+def never_return(bad_rank):
+    """Rank ``bad_rank`` sleeps forever; the others return without waiting."""
+    if dist.get_rank() == bad_rank:
+        time.sleep(3600)
+    return dist.get_rank()
+
+
+def sleep_then_return(seconds):
+    """Every rank sleeps (long enough to be interrupted), then returns its rank."""
+    time.sleep(seconds)
+    return dist.get_rank()
+
+
+def kill_self(bad_rank):
+    """Rank ``bad_rank`` SIGKILLs itself; the others wait in an all_reduce."""
+    if dist.get_rank() == bad_rank:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.all_reduce(torch.ones(1))
+    return dist.get_rank()
+
+
+def print_and_return(tag):
+    """Prints a line (forwarded to the caller) and returns (tag, rank)."""
+    rank_print("hello", tag)
+    return tag, dist.get_rank()
+
+
+def main():
+    results = launch(rank_info, world_size=int(os.environ["WORLD_SIZE"]))
+    if dist.is_initialized() or int(os.environ["RANK"]) == 0:
+        print("torchrun results:", results, flush=True)
+
+
+if __name__ == "__main__":
+    main()

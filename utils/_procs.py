@@ -1,0 +1,244 @@
+"""The process half of ``utils.launch``: what runs inside a rank, and the supervisor.
+
+Private to ``utils.launch`` (chapter 0, "Why one device is not enough"); read that
+module's docstring for the user-facing contract. This file holds the two halves
+that meet over pipes:
+
+- ``rank_main`` runs in each child: it ties its life to its parent, rendezvouses
+  through the parent's ``TCPStore``, calls the worker and sends back either the
+  result or the formatted traceback.
+- ``supervise`` runs in the caller: it waits on the children's result pipes,
+  their exit sentinels and their output, decides when the job is over and, if it
+  failed, which rank is to blame and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+from multiprocessing.connection import wait
+
+GRACE_S = 1.0
+"""After the first failure, how long to keep listening so every rank can report.
+
+Peers of a failed rank usually fail a moment later with a connection error; hearing
+from them (or from the exit sentinel of a killed rank) lets us blame the right rank.
+"""
+
+POLL_S = 0.1
+"""Longest single wait, so that a KeyboardInterrupt is serviced promptly."""
+
+_PR_SET_PDEATHSIG = 1
+
+# Substrings of errors a rank raises because a *peer* failed or never arrived,
+# not because of its own code: gloo/store timeouts and closed connections.
+_TIMEOUT_MARKS = ("timed out", "timeout", "deadline exceeded")
+_PEER_MARKS = ("connection closed", "connection reset", "broken pipe", "peer")
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL us when our parent (the fork server) dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the supervisor still cleans up
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def rank_main(fn, args, rank, world_size, backend, port, timeout, conn, out, err):
+    """Entry point of one rank (runs in a process forked by the fork server)."""
+    _die_with_parent()
+    for stream, pipe, fd in ((sys.stdout, out, 1), (sys.stderr, err, 2)):
+        stream.flush()
+        os.dup2(pipe.fileno(), fd)  # the caller forwards it (a notebook sees it)
+    out.close()
+    err.close()
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        import torch
+        import torch.distributed as dist
+
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        else:
+            # Ranks share the cores: without this each would start one thread per
+            # core and they would fight (oversubscription makes gloo labs crawl).
+            torch.set_num_threads(max(1, _cpu_count() // world_size))
+        store = dist.TCPStore(
+            "127.0.0.1",
+            port,
+            world_size,
+            is_master=False,
+            timeout=timedelta(seconds=timeout),
+        )
+        dist.init_process_group(
+            backend,
+            store=store,
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout),
+        )
+        result = fn(*args)
+        dist.destroy_process_group()
+        conn.send(("ok", result))
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller
+        try:
+            conn.send(("raised", traceback.format_exc(), _is_peer_error(exc)))
+        except Exception:  # the pipe is gone: the caller is stopping us anyway
+            pass
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # skip atexit/destructors that may block on a broken group
+    finally:
+        conn.close()
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # honours taskset / container cpusets
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _is_peer_error(exc: BaseException) -> str | None:
+    """ "timeout" / "peer" if exc looks like a symptom of another rank's failure."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    if isinstance(exc, TimeoutError) or any(m in text for m in _TIMEOUT_MARKS):
+        return "timeout"
+    if isinstance(exc, ConnectionError) or any(m in text for m in _PEER_MARKS):
+        return "peer"
+    return None
+
+
+@dataclass
+class Outcome:
+    """What the supervisor learned about each rank."""
+
+    results: dict = field(default_factory=dict)  # rank -> return value
+    raised: dict = field(default_factory=dict)  # rank -> (traceback, peer kind|None)
+    died: dict = field(default_factory=dict)  # rank -> exit code (no report)
+    order: list = field(default_factory=list)  # ranks in the order they failed
+    pending: set = field(default_factory=set)  # ranks never heard from
+    reason: str = ""  # why the supervisor stopped waiting
+
+
+def _forward(fd: int, stream) -> bool:
+    """Copy what a rank printed to our stream; False at EOF."""
+    data = os.read(fd, 65536)
+    if not data:
+        return False
+    stream.write(data.decode("utf-8", errors="replace"))
+    stream.flush()
+    return True
+
+
+def supervise(procs, conns, outputs, timeout: float) -> Outcome:
+    """Wait for every rank to report; bound the wait once one finished or failed.
+
+    ``outputs`` is [(read_conn, stream)] for the ranks' stdout/stderr pipes.
+    Returns as soon as all ranks reported, or ``GRACE_S`` after the first failure,
+    or ``timeout`` seconds after the first rank returned, whichever comes first.
+    The caller stops whatever is still running.
+    """
+    o = Outcome(pending=set(range(len(procs))))
+    by_obj = {}
+    for r, (p, c) in enumerate(zip(procs, conns, strict=True)):
+        by_obj[c] = ("conn", r)
+        by_obj[p.sentinel] = ("exit", r)
+    for rc, stream in outputs:
+        by_obj[rc] = ("out", stream)
+    deadline = None
+    while o.pending:
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            break
+        left = POLL_S if deadline is None else min(POLL_S, deadline - now)
+        for obj in wait(list(by_obj), timeout=left):
+            what, key = by_obj[obj]
+            if what == "out":
+                if not _forward(obj.fileno(), key):
+                    del by_obj[obj]
+                continue
+            r = key
+            if r not in o.pending:
+                by_obj.pop(obj, None)
+                continue
+            msg = None
+            if what == "conn" or conns[r].poll():
+                try:
+                    msg = conns[r].recv()
+                except (EOFError, OSError):
+                    msg = None
+            if msg is None and what == "conn":
+                del by_obj[obj]  # EOF: the sentinel will tell us how it died
+                continue
+            if msg is None:
+                procs[r].join(1.0)
+                o.died[r] = procs[r].exitcode
+                o.order.append(r)
+            elif msg[0] == "ok":
+                o.results[r] = msg[1]
+            else:
+                o.raised[r] = (msg[1], msg[2])
+                o.order.append(r)
+            o.pending.discard(r)
+            now = time.monotonic()
+            if r in o.results:  # stragglers get `timeout` seconds from here
+                if deadline is None:
+                    deadline, o.reason = now + timeout, "finished"
+            elif o.reason != "failed":  # first failure: hear the others briefly
+                end = now + GRACE_S
+                deadline = end if deadline is None else min(deadline, end)
+                o.reason = "failed"
+    return o
+
+
+def drain(outputs) -> None:
+    """Forward whatever the (now stopped) ranks printed last."""
+    for rc, stream in outputs:
+        while rc.poll(0):
+            try:
+                if not _forward(rc.fileno(), stream):
+                    break
+            except OSError:
+                break
+
+
+def stop(procs, wait_s: float = 1.0) -> list[int]:
+    """Terminate, then kill, every rank still alive; returns the ranks stopped."""
+    alive = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in alive:
+        procs[r].terminate()
+    end = time.monotonic() + wait_s
+    for r in alive:
+        procs[r].join(max(0.0, end - time.monotonic()))
+    for r in alive:
+        if procs[r].is_alive():
+            procs[r].kill()
+            procs[r].join(5.0)
+    return alive
+
+
+def signal_name(exitcode: int | None) -> str:
+    """ "SIGKILL" for -9, "exit code 3" for 3."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return signal.Signals(-exitcode).name
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"

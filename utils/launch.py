@@ -1,0 +1,309 @@
+"""Start ``world_size`` ranks, run one function in each, bring their results back.
+
+Introduced in chapter 0 ("Why one device is not enough"); every lab runs through it.
+
+Usage::
+
+    from utils.launch import launch
+    from labs.data_parallel import worker, Config
+
+    reports = launch(worker, Config.tiny(), world_size=4)   # list, ordered by rank
+
+``launch(fn, *args, world_size, backend="auto", timeout=60.0)`` runs ``fn(*args)`` in
+``world_size`` processes, each with the default process group initialised, and returns
+the ranks' return values ordered by rank (they must pickle). ``backend="auto"`` picks
+NCCL with one GPU per rank when there are at least ``world_size`` CUDA GPUs, otherwise
+gloo on CPU processes; it prints one line saying which and why. Inside a rank use
+``rank_device()``, ``synchronize(device)`` and ``rank_print(...)`` rather than naming
+``cuda``/``nccl`` yourself.
+
+``fn`` must be importable by module path (defined at the top level of a module such
+as ``labs/`` or a ``.py`` file next to the notebook): the children find it by name.
+A lambda, a nested function or one defined in a notebook cell is refused with a
+``TypeError`` before any process starts.
+
+Under ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR set) ``launch`` starts
+nothing: it joins the world that exists (initialising the default group from the
+environment if needed), runs ``fn`` once in this process and returns every rank's
+result (``all_gather_object``), so the caller behaves the same::
+
+    torchrun --nproc-per-node 8 -m labs.data_parallel
+
+Failures (``LaunchError``, attributes ``rank``, ``ranks``, ``kind``)
+    raised  a rank raised: the job ends within about a second, the message names the
+            rank and carries its full traceback; the other ranks are stopped.
+    killed  a rank died without reporting (a signal such as SIGKILL, or os._exit):
+            named with the signal or exit code.
+    hung    a rank never reported. ``timeout`` (seconds) plays two roles: it is the
+            collective timeout given to ``init_process_group`` (a rank waiting for a
+            peer that never arrives fails after it), and how long the launcher waits
+            for stragglers after the first rank returned. Either way the ranks that
+            had not reported are named as hung; a waiting rank's timeout error is
+            shown as context, not blamed. A job in which no rank ever returns or
+            fails is not bounded (interrupt it).
+    Whatever happens, including a KeyboardInterrupt in the caller, no rank outlives
+    its job: the launcher terminates then kills them, and each rank asks Linux
+    (PR_SET_PDEATHSIG) to kill it if its parent dies.
+
+Design: why not ``torch.multiprocessing.spawn`` or torch elastic's launcher? Both
+start fresh interpreters that import torch again, about 2.3 s of CPU per rank, which
+makes a notebook cell that relaunches 4 ranks slow. We use torch.multiprocessing's
+*forkserver* context with torch preloaded: a server process imports torch once
+(never touching CUDA, so NCCL ranks start with a clean CUDA state) and each rank is a
+cheap fork of it. Rendezvous goes through a ``torch.distributed.TCPStore`` that the
+caller hosts on 127.0.0.1 port 0 (the OS picks a free port), so concurrent launches
+never race for a port. Measured by ``python -m bench launch``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import numbers
+import os
+import pickle
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from utils import _procs
+
+BACKENDS = ("auto", "gloo", "nccl")
+_PRELOAD = ["torch", "torch.distributed", "utils._procs", "utils.launch"]
+
+
+class LaunchError(RuntimeError):
+    """A job failed: ``rank`` (the first rank to blame), ``ranks`` (all of them) and
+    ``kind`` in {"raised", "hung", "killed"}; the message holds the traceback."""
+
+    def __init__(self, message: str, rank: int, kind: str, ranks=None):
+        super().__init__(message)
+        self.rank = rank
+        self.kind = kind
+        self.ranks = list(ranks) if ranks is not None else [rank]
+
+
+def in_torchrun() -> bool:
+    """True inside a process started by torchrun (or any env:// launcher)."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+    return all(k in os.environ for k in keys)
+
+
+def resolve_backend(backend: str, world_size: int) -> tuple[str, str]:
+    """("nccl" | "gloo", a human reason) for ``world_size`` ranks on this machine."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {set(BACKENDS)}, got {backend!r}")
+    gpus = torch.cuda.device_count()
+    nccl_ok = dist.is_available() and dist.is_nccl_available()
+    if backend == "nccl":
+        if not nccl_ok:
+            raise ValueError("backend='nccl' but this torch build has no NCCL")
+        if gpus < world_size:
+            raise ValueError(
+                f"backend='nccl' needs one GPU per rank: {gpus} CUDA GPUs "
+                f"< {world_size} ranks (use backend='auto' or 'gloo')"
+            )
+        return "nccl", f"requested; {gpus} CUDA GPUs >= {world_size} ranks"
+    if backend == "gloo":
+        return "gloo", "requested (CPU processes)"
+    if gpus >= world_size and nccl_ok:
+        return "nccl", f"one GPU per rank: {gpus} CUDA GPUs >= {world_size} ranks"
+    why = f"{gpus} CUDA GPUs < {world_size} ranks" if nccl_ok or not gpus else ""
+    return "gloo", why or "this torch build has no NCCL"
+
+
+def rank_device() -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued work on ``device`` (CUDA) before reading a clock; no-op on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rank_print(*args, **kw) -> None:
+    """``print`` prefixed with ``[rank r]`` and flushed, so interleaved lines read."""
+    rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
+    print(f"[rank {rank}]", *args, **kw, flush=True)
+
+
+def shutdown() -> None:
+    """Stop the fork server (it restarts on the next launch). Runs at exit."""
+    from multiprocessing import forkserver
+
+    fs = forkserver._forkserver
+    if getattr(fs, "_forkserver_pid", None) is not None:
+        fs._stop()
+
+
+atexit.register(shutdown)
+
+
+def _check(fn, args, world_size, backend, timeout) -> None:
+    """Refuse bad input before any process starts."""
+    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral):
+        raise TypeError(f"world_size must be a positive int, got {world_size!r}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {set(BACKENDS)}, got {backend!r}")
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, numbers.Real)
+        or not timeout > 0
+        or timeout == float("inf")
+    ):
+        raise ValueError(f"timeout must be a positive number of seconds: {timeout!r}")
+    _check_importable(fn)
+    try:
+        pickle.dumps(args)
+    except Exception as exc:
+        raise TypeError(f"the arguments for the ranks must pickle: {exc}") from exc
+
+
+def _check_importable(fn) -> None:
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    if not callable(target):
+        raise TypeError(f"fn must be a function, got {type(fn).__name__}")
+    name = getattr(target, "__qualname__", type(target).__qualname__)
+    module = getattr(target, "__module__", None) or type(target).__module__
+    why = None
+    if "<lambda>" in name:
+        why = "it is a lambda"
+    elif "<locals>" in name:
+        why = "it is defined inside another function"
+    elif module in ("__main__", "__mp_main__") or module.startswith(
+        ("__main__", "ipykernel", "__ipython")
+    ):
+        why = f"it is defined in {module!r} (a script or notebook cell)"
+    if why:
+        raise TypeError(
+            f"launch cannot run {name!r}: {why}. The ranks find the function by "
+            "its module path, so it must be defined at the top level of a module. "
+            "Move it into a module (e.g. labs/ or a .py file next to the notebook) "
+            "and import it from there."
+        )
+
+
+def _join_torchrun(fn, args, world_size, backend, timeout) -> list:
+    """Run once in this torchrun rank; return all ranks' results."""
+    ours = not dist.is_initialized()
+    if ours:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        chosen, why = resolve_backend(backend, local)
+        if chosen == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(chosen, timeout=timedelta(seconds=timeout))
+    size = dist.get_world_size()
+    if dist.get_rank() == 0:
+        note = "" if size == world_size else f" (world_size={world_size} ignored)"
+        print(f"launch: joined torchrun's {size} ranks on {dist.get_backend()}{note}")
+    result = fn(*args)
+    gathered = [None] * size
+    dist.all_gather_object(gathered, result)
+    if ours:
+        dist.destroy_process_group()
+    return gathered
+
+
+def launch(fn, *args, world_size: int, backend: str = "auto", timeout: float = 60.0):
+    """Run ``fn(*args)`` in ``world_size`` ranks; their results, ordered by rank."""
+    _check(fn, args, world_size, backend, timeout)
+    if in_torchrun():
+        return _join_torchrun(fn, args, world_size, backend, timeout)
+    chosen, why = resolve_backend(backend, world_size)
+    kind = "one GPU per rank" if chosen == "nccl" else "CPU processes"
+    print(f"launch: {world_size} ranks on {chosen} ({kind}): {why}", flush=True)
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        world_size + 1,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=timeout),
+    )
+    out_r, out_w = ctx.Pipe(duplex=False)
+    err_r, err_w = ctx.Pipe(duplex=False)
+    procs, conns = [], []
+    try:
+        for rank in range(world_size):
+            recv, send = ctx.Pipe(duplex=False)
+            p = ctx.Process(
+                target=_procs.rank_main,
+                args=(fn, args, rank, world_size, chosen, store.port, timeout)
+                + (send, out_w, err_w),
+                name=f"rank{rank}",
+                daemon=True,
+            )
+            p.start()
+            send.close()
+            procs.append(p)
+            conns.append(recv)
+        out_w.close()
+        err_w.close()
+        outputs = [(out_r, sys.stdout), (err_r, sys.stderr)]
+        outcome = _procs.supervise(procs, conns, outputs, timeout)
+        stopped = _procs.stop(procs)
+        _procs.drain(outputs)
+    except BaseException:  # KeyboardInterrupt in a notebook included
+        _procs.stop(procs, wait_s=0.5)
+        raise
+    finally:
+        for c in [*conns, out_r, err_r, out_w, err_w]:
+            c.close()
+        del store
+    if not outcome.order and not outcome.pending:
+        return [outcome.results[r] for r in range(world_size)]
+    raise _blame(outcome, stopped, timeout)
+
+
+def _blame(o: _procs.Outcome, stopped: list[int], timeout: float) -> LaunchError:
+    """Turn what the supervisor saw into one error that names the culprit."""
+    # Ranks that failed on their own, not as a symptom of a peer's failure.
+    own = [r for r in o.order if r in o.died or not o.raised[r][1]]
+    stop_note = f"\n(stopped the other ranks: {stopped})" if stopped else ""
+    if own:
+        r = own[0]
+        if r in o.died:
+            how = _procs.signal_name(o.died[r])
+            verb = "was killed by" if how.startswith("SIG") else "died with"
+            msg = f"rank {r} {verb} {how} without returning a result"
+            return LaunchError(msg + stop_note, r, "killed", own)
+        msg = f"rank {r} raised; its traceback:\n\n{o.raised[r][0]}"
+        return LaunchError(msg + stop_note, r, "raised", own)
+    hung = sorted(o.pending)
+    if hung:
+        names = ", ".join(map(str, hung))
+        plural = "s" if len(hung) > 1 else ""
+        if o.order:
+            w = o.order[0]
+            msg = (
+                f"rank{plural} {names} hung: rank {w} failed waiting for it in a "
+                f"collective (timeout {timeout:g} s). Rank {w}'s error, for "
+                f"context:\n\n{o.raised[w][0]}"
+            )
+        else:
+            msg = (
+                f"rank{plural} {names} hung: still running {timeout:g} s after "
+                f"the first rank returned (timeout={timeout:g})"
+            )
+        return LaunchError(msg + stop_note, hung[0], "hung", hung)
+    # Every rank failed waiting for another (e.g. mismatched collectives).
+    r = o.order[0]
+    msg = (
+        f"every rank failed waiting for another (timeout {timeout:g} s): do they "
+        f"call the same collectives in the same order? Rank {r}'s error:\n\n"
+        f"{o.raised[r][0]}"
+    )
+    return LaunchError(msg, r, "hung", sorted(o.order))
