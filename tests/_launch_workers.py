@@ -65,6 +65,14 @@ def kill_self(bad_rank):
     return dist.get_rank()
 
 
+def tagged_sum(tag, seconds):
+    """Sleeps (so concurrent jobs overlap), then (tag, rank, sum of ranks)."""
+    time.sleep(seconds)
+    t = torch.tensor([float(dist.get_rank())])
+    dist.all_reduce(t)
+    return tag, dist.get_rank(), int(t.item())
+
+
 def print_and_return(tag):
     """Prints a line (forwarded to the caller) and returns (tag, rank)."""
     rank_print("hello", tag)
@@ -72,9 +80,11 @@ def print_and_return(tag):
 
 
 def main():
-    results = launch(rank_info, world_size=int(os.environ["WORLD_SIZE"]))
-    if dist.is_initialized() or int(os.environ["RANK"]) == 0:
-        print("torchrun results:", results, flush=True)
+    """Under torchrun: join its world. As ``python -m``: start 2 ranks of this
+    module's own (``__main__``) function, as ``python -m labs.<name>`` does."""
+    results = launch(rank_info, world_size=int(os.environ.get("WORLD_SIZE", 2)))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print("results:", results, flush=True)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,6 @@ import numbers
 import os
 import pickle
 import sys
-import time
 from datetime import timedelta
 
 import torch
@@ -73,6 +72,7 @@ import torch.multiprocessing as mp
 from utils import _procs
 
 BACKENDS = ("auto", "gloo", "nccl")
+_CHOICES = "{'auto', 'gloo', 'nccl'}"
 _PRELOAD = ["torch", "torch.distributed", "utils._procs", "utils.launch"]
 
 
@@ -96,20 +96,20 @@ def in_torchrun() -> bool:
 def resolve_backend(backend: str, world_size: int) -> tuple[str, str]:
     """("nccl" | "gloo", a human reason) for ``world_size`` ranks on this machine."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {set(BACKENDS)}, got {backend!r}")
+        raise ValueError(f"backend must be one of {_CHOICES}, got {backend!r}")
     gpus = torch.cuda.device_count()
     nccl_ok = dist.is_available() and dist.is_nccl_available()
     if backend == "nccl":
-        if not nccl_ok:
-            raise ValueError("backend='nccl' but this torch build has no NCCL")
         if gpus < world_size:
             raise ValueError(
                 f"backend='nccl' needs one GPU per rank: {gpus} CUDA GPUs "
                 f"< {world_size} ranks (use backend='auto' or 'gloo')"
             )
+        if not nccl_ok:
+            raise ValueError("backend='nccl' but this torch build has no NCCL")
         return "nccl", f"requested; {gpus} CUDA GPUs >= {world_size} ranks"
     if backend == "gloo":
-        return "gloo", "requested (CPU processes)"
+        return "gloo", "requested"
     if gpus >= world_size and nccl_ok:
         return "nccl", f"one GPU per rank: {gpus} CUDA GPUs >= {world_size} ranks"
     why = f"{gpus} CUDA GPUs < {world_size} ranks" if nccl_ok or not gpus else ""
@@ -124,7 +124,7 @@ def rank_device() -> torch.device:
 
 
 def synchronize(device: torch.device | str) -> None:
-    """Wait for queued work on ``device`` (CUDA) before reading a clock; no-op on CPU."""
+    """Wait for work queued on ``device`` (CUDA) before reading a clock; CPU: no-op."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -132,7 +132,11 @@ def synchronize(device: torch.device | str) -> None:
 def rank_print(*args, **kw) -> None:
     """``print`` prefixed with ``[rank r]`` and flushed, so interleaved lines read."""
     rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
-    print(f"[rank {rank}]", *args, **kw, flush=True)
+    sep, end = kw.pop("sep", " "), kw.pop("end", "\n")
+    stream = kw.pop("file", None) or sys.stdout
+    # One write per line, so that lines from different ranks do not interleave.
+    stream.write(f"[rank {rank}] " + sep.join(map(str, args)) + end)
+    stream.flush()
 
 
 def shutdown() -> None:
@@ -147,14 +151,14 @@ def shutdown() -> None:
 atexit.register(shutdown)
 
 
-def _check(fn, args, world_size, backend, timeout) -> None:
+def _check(world_size, backend, timeout) -> None:
     """Refuse bad input before any process starts."""
     if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral):
         raise TypeError(f"world_size must be a positive int, got {world_size!r}")
     if world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {set(BACKENDS)}, got {backend!r}")
+        raise ValueError(f"backend must be one of {_CHOICES}, got {backend!r}")
     if (
         isinstance(timeout, bool)
         or not isinstance(timeout, numbers.Real)
@@ -162,6 +166,10 @@ def _check(fn, args, world_size, backend, timeout) -> None:
         or timeout == float("inf")
     ):
         raise ValueError(f"timeout must be a positive number of seconds: {timeout!r}")
+
+
+def _check_portable(fn, args) -> None:
+    """Refuse what the ranks could not unpickle (they import ``fn`` by name)."""
     _check_importable(fn)
     try:
         pickle.dumps(args)
@@ -180,10 +188,9 @@ def _check_importable(fn) -> None:
         why = "it is a lambda"
     elif "<locals>" in name:
         why = "it is defined inside another function"
-    elif module in ("__main__", "__mp_main__") or module.startswith(
-        ("__main__", "ipykernel", "__ipython")
-    ):
-        why = f"it is defined in {module!r} (a script or notebook cell)"
+    elif module.startswith(("__main__", "__mp_main__", "ipykernel", "__ipython")):
+        if not (module == "__main__" and _main_is_importable()):
+            why = f"it is defined in {module!r} (a notebook cell or a script)"
     if why:
         raise TypeError(
             f"launch cannot run {name!r}: {why}. The ranks find the function by "
@@ -191,6 +198,18 @@ def _check_importable(fn) -> None:
             "Move it into a module (e.g. labs/ or a .py file next to the notebook) "
             "and import it from there."
         )
+
+
+def _main_is_importable() -> bool:
+    """True when ``__main__`` was started as ``python -m pkg.mod`` (not a kernel).
+
+    Then each rank imports ``pkg.mod`` by name (multiprocessing does this for
+    ``__main__``), so ``python -m labs.zero --world-size 4`` can launch its own
+    ``worker``. A notebook kernel, ``python -c`` or ``python file.py`` cannot.
+    """
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", None) or ""
+    return bool(name) and not name.startswith(("ipykernel", "IPython", "__main__"))
 
 
 def _join_torchrun(fn, args, world_size, backend, timeout) -> list:
@@ -216,9 +235,10 @@ def _join_torchrun(fn, args, world_size, backend, timeout) -> list:
 
 def launch(fn, *args, world_size: int, backend: str = "auto", timeout: float = 60.0):
     """Run ``fn(*args)`` in ``world_size`` ranks; their results, ordered by rank."""
-    _check(fn, args, world_size, backend, timeout)
-    if in_torchrun():
+    _check(world_size, backend, timeout)
+    if in_torchrun():  # fn runs here, in this process: no need to import it
         return _join_torchrun(fn, args, world_size, backend, timeout)
+    _check_portable(fn, args)
     chosen, why = resolve_backend(backend, world_size)
     kind = "one GPU per rank" if chosen == "nccl" else "CPU processes"
     print(f"launch: {world_size} ranks on {chosen} ({kind}): {why}", flush=True)
@@ -279,6 +299,12 @@ def _blame(o: _procs.Outcome, stopped: list[int], timeout: float) -> LaunchError
             how = _procs.signal_name(o.died[r])
             verb = "was killed by" if how.startswith("SIG") else "died with"
             msg = f"rank {r} {verb} {how} without returning a result"
+            if not how.startswith("SIG"):
+                msg += (
+                    " (it may have failed before reaching the worker: see its stderr"
+                    " above; a script that calls launch at top level needs an "
+                    '`if __name__ == "__main__":` guard)'
+                )
             return LaunchError(msg + stop_note, r, "killed", own)
         msg = f"rank {r} raised; its traceback:\n\n{o.raised[r][0]}"
         return LaunchError(msg + stop_note, r, "raised", own)

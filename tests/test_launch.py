@@ -1,0 +1,306 @@
+"""utils.launch: results, faults (raise, hang, kill, interrupt), bad input, torchrun.
+
+Worker functions live in tests/_launch_workers.py because the ranks import them by
+module path. Everything here runs on CPU/gloo; GPU tests skip without CUDA.
+"""
+
+import _thread
+import functools
+import multiprocessing.forkserver as forkserver
+import multiprocessing.resource_tracker as resource_tracker
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from tests import _launch_workers as w
+from utils.launch import (
+    LaunchError,
+    in_torchrun,
+    launch,
+    rank_device,
+    rank_print,
+    resolve_backend,
+    synchronize,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+GPUS = torch.cuda.device_count()
+
+
+def rank_processes() -> list[psutil.Process]:
+    """Our descendants, minus multiprocessing's long-lived helpers."""
+    helpers = {
+        forkserver._forkserver._forkserver_pid,
+        resource_tracker._resource_tracker._pid,
+    }
+    return [
+        p for p in psutil.Process().children(recursive=True) if p.pid not in helpers
+    ]
+
+
+def wait_no_rank_processes(seconds=3.0) -> list[psutil.Process]:
+    end = time.monotonic() + seconds
+    while (left := rank_processes()) and time.monotonic() < end:
+        time.sleep(0.05)
+    return left
+
+
+@pytest.fixture(autouse=True)
+def _no_orphans():
+    """Every test must leave no rank process behind."""
+    yield
+    assert wait_no_rank_processes() == []
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_results_come_back_in_rank_order(world_size, capsys):
+    results = launch(w.rank_info, world_size=world_size, backend="gloo")
+    expected_sum = sum(range(world_size))
+    threads = max(1, len(os.sched_getaffinity(0)) // world_size)
+    assert results == [
+        (r, world_size, expected_sum, threads, "cpu") for r in range(world_size)
+    ]
+    assert (
+        f"launch: {world_size} ranks on gloo (CPU processes)" in capsys.readouterr().out
+    )
+
+
+def test_auto_backend_says_why(capsys):
+    if GPUS >= 2:
+        pytest.skip("auto picks NCCL here")
+    launch(w.rank_info, world_size=2)
+    out = capsys.readouterr().out
+    assert f"launch: 2 ranks on gloo (CPU processes): {GPUS} CUDA GPUs < 2 ranks" in out
+
+
+def test_rank_output_reaches_the_caller(capsys):
+    assert launch(w.print_and_return, "hi", world_size=2) == [("hi", 0), ("hi", 1)]
+    out = capsys.readouterr().out
+    assert "[rank 0] hello hi\n" in out and "[rank 1] hello hi\n" in out
+
+
+def test_raising_rank_is_named_with_its_traceback():
+    start = time.monotonic()
+    with pytest.raises(LaunchError) as info:
+        launch(w.raise_on, 1, world_size=4, timeout=30)
+    assert time.monotonic() - start < 10
+    err = info.value
+    assert (err.rank, err.kind) == (1, "raised")
+    text = str(err)
+    assert text.startswith("rank 1 raised")
+    assert "ValueError: boom from rank 1" in text
+    assert "in raise_on" in text and "Traceback (most recent call last)" in text
+
+
+def test_hanging_rank_is_named_after_the_timeout():
+    start = time.monotonic()
+    with pytest.raises(LaunchError) as info:
+        launch(w.hang_in_collective, 1, world_size=3, timeout=2)
+    took = time.monotonic() - start
+    assert 2 <= took < 8
+    err = info.value
+    assert (err.rank, err.kind, err.ranks) == (1, "hung", [1])
+    assert str(err).startswith("rank 1 hung")
+    assert "Timed out" in str(err)  # the waiting rank's error, as context
+
+
+def test_rank_that_never_returns_is_named_after_the_timeout():
+    start = time.monotonic()
+    with pytest.raises(LaunchError) as info:
+        launch(w.never_return, 1, world_size=2, timeout=1.5)
+    assert 1.5 <= time.monotonic() - start < 6
+    assert (info.value.rank, info.value.kind) == (1, "hung")
+    assert "still running 1.5 s after the first rank returned" in str(info.value)
+
+
+def test_killed_rank_is_named_with_the_signal():
+    with pytest.raises(LaunchError) as info:
+        launch(w.kill_self, 1, world_size=3, timeout=30)
+    assert (info.value.rank, info.value.kind) == (1, "killed")
+    assert "rank 1 was killed by SIGKILL" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(world_size=0), ValueError, "world_size must be a positive int, got 0"),
+        (dict(world_size=-2), ValueError, "got -2"),
+        (dict(world_size=True), TypeError, "got True"),
+        (dict(world_size=2.0), TypeError, "got 2.0"),
+        (dict(world_size="2"), TypeError, "got '2'"),
+        (dict(world_size=2, backend="mpi"), ValueError, "'auto'"),
+        (dict(world_size=2, timeout=0), ValueError, "timeout"),
+        (dict(world_size=2, timeout=-1.0), ValueError, "timeout"),
+        (dict(world_size=2, timeout="5"), ValueError, "timeout"),
+        (dict(world_size=2, timeout=float("nan")), ValueError, "timeout"),
+    ],
+)
+def test_bad_input_is_refused_before_any_process_starts(kwargs, error, words):
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(error, match=words):
+        launch(w.rank_info, **kwargs)
+    after = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert after <= before
+
+
+def test_unknown_backend_lists_the_choices():
+    with pytest.raises(ValueError) as info:
+        resolve_backend("mpi", 2)
+    assert all(b in str(info.value) for b in ("auto", "gloo", "nccl"))
+
+
+def _nested_worker():
+    def inner():
+        return 1
+
+    return inner
+
+
+def _in_main():
+    return 1
+
+
+_in_main.__module__ = "__main__"  # what a notebook cell or script function reports
+
+
+@pytest.mark.parametrize(
+    "fn, why",
+    [
+        (lambda: 1, "it is a lambda"),
+        (_nested_worker(), "defined inside another function"),
+        (_in_main, "defined in '__main__'"),
+        (functools.partial(lambda x: x, 1), "it is a lambda"),
+    ],
+)
+def test_non_importable_function_is_refused(fn, why, monkeypatch):
+    # What a notebook kernel looks like: a __main__ with no module name.
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(TypeError) as info:
+        launch(fn, world_size=2)
+    assert why in str(info.value)
+    assert "module path" in str(info.value) and "labs/" in str(info.value)
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+
+
+def test_unpicklable_arguments_are_refused():
+    with pytest.raises(TypeError, match="must pickle"):
+        launch(w.print_and_return, threading.Lock(), world_size=2)
+
+
+def test_two_launches_at_once_do_not_collide():
+    results = {}
+
+    def run(tag, world_size):
+        results[tag] = launch(w.tagged_sum, tag, 0.5, world_size=world_size)
+
+    jobs = {"a": 2, "b": 3}
+    threads = [threading.Thread(target=run, args=job) for job in jobs.items()]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert time.monotonic() - start < 1.5  # they overlapped
+    assert results == {
+        tag: [(tag, r, sum(range(n))) for r in range(n)] for tag, n in jobs.items()
+    }
+
+
+def test_keyboard_interrupt_leaves_no_rank_processes():
+    launch(w.rank_info, world_size=2)  # warm: the interrupt lands while ranks run
+    timer = threading.Timer(1.0, _thread.interrupt_main)
+    timer.start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        launch(w.sleep_then_return, 60, world_size=2)
+    assert time.monotonic() - start < 5
+    assert wait_no_rank_processes() == []
+
+
+def test_nccl_without_enough_gpus_is_a_value_error():
+    with pytest.raises(ValueError, match=f"{GPUS} CUDA GPUs < {GPUS + 1} ranks"):
+        launch(w.rank_info, world_size=GPUS + 1, backend="nccl")
+
+
+def test_helpers_outside_a_rank(capsys, monkeypatch):
+    assert rank_device() == torch.device("cpu")
+    synchronize(torch.device("cpu"))  # no-op, must not touch CUDA
+    monkeypatch.setenv("RANK", "3")
+    rank_print("a", 1)
+    assert capsys.readouterr().out == "[rank 3] a 1\n"
+    for key in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(key, raising=False)
+    assert not in_torchrun()
+    for key, value in dict(WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="h").items():
+        monkeypatch.setenv(key, value)
+    assert in_torchrun()
+
+
+def test_under_torchrun_launch_joins_the_existing_world():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+        + ["-m", "tests._launch_workers"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    threads = 1  # torchrun sets OMP_NUM_THREADS=1; launch leaves its ranks alone
+    assert "launch: joined torchrun's 2 ranks on gloo" in proc.stdout
+    assert f"results: [(0, 2, 1, {threads}, 'cpu'), (1, 2, 1," in proc.stdout
+    assert proc.stdout.count("results:") == 1  # printed by rank 0 only
+
+
+def test_python_dash_m_module_can_launch_its_own_worker():
+    """``python -m labs.x`` launches ``worker`` from its own ``__main__``."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests._launch_workers"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"results: [(0, 2, 1, {threads}, 'cpu'), (1, 2, 1, {threads}," in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPUS < 2, reason="needs 2 CUDA GPUs")
+def test_nccl_ranks_get_one_gpu_each(capsys):
+    results = launch(w.rank_info, world_size=2)
+    assert [r[4] for r in results] == ["cuda:0", "cuda:1"]
+    assert [r[2] for r in results] == [1, 1]
+    assert "ranks on nccl (one GPU per rank)" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPUS < 2, reason="needs 2 CUDA GPUs")
+def test_nccl_raising_rank_is_named():
+    with pytest.raises(LaunchError) as info:
+        launch(w.raise_on, 1, world_size=2, timeout=30)
+    assert (info.value.rank, info.value.kind) == (1, "raised")
+
+
+def test_doctor_passes_here(capsys):
+    from utils import doctor
+
+    code = doctor.main()
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for words in ("Python", "torch", "GPUs", "/dev/shm", "4-rank lab", "2-rank gloo"):
+        assert words in out
+    assert "FAIL" not in out
