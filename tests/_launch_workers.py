@@ -66,11 +66,12 @@ def kill_self(bad_rank):
 
 
 def tagged_sum(tag, seconds):
-    """Sleeps (so concurrent jobs overlap), then (tag, rank, sum of ranks)."""
+    """Sleeps (so concurrent jobs overlap): (tag, rank, sum of ranks), (start, end)."""
+    start = time.time()
     time.sleep(seconds)
     t = torch.tensor([float(dist.get_rank())])
     dist.all_reduce(t)
-    return tag, dist.get_rank(), int(t.item())
+    return (tag, dist.get_rank(), int(t.item())), (start, time.time())
 
 
 def print_and_return(tag):
