@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # Bundle the browser code the built book serves itself, so that every page
 # works offline and none loads from a CDN:
-#   _vendor/widgets/  the ipywidgets HTML manager (embed-amd.js, which renders
-#                     the widget state saved in each executed chapter) and
-#                     RequireJS, which embed-amd.js needs;
-#   _vendor/mathjax/  MathJax 3, which Sphinx would otherwise load from a CDN.
+#   widgets/  the ipywidgets HTML manager (embed-amd.js, which renders the widget
+#             state saved in each executed chapter) and RequireJS, which
+#             embed-amd.js needs;
+#   mathjax/  MathJax 3, which Sphinx would otherwise load from a CDN.
 # Run by `make widgets-js` (so by `make book`) before `jupyter-book build`.
 #
 # Installs the exact versions in package-lock.json from the npm registry into
 # _build/widgets-js/ (never committed), copies the files a browser needs into
-# _build/widgets-js/site/_vendor/, and writes _build/widgets-js/STAMP, the
-# Makefile's target. _config.yml lists _build/widgets-js/site in
-# html_extra_path: Sphinx copies its contents to the root of _build/html.
+# _build/widgets-js/site/_static/_vendor/, and writes _build/widgets-js/STAMP,
+# the Makefile's target. _config.yml lists _build/widgets-js/site in
+# html_extra_path: Sphinx copies its contents to the root of _build/html, so the
+# files land in _build/html/_static/_vendor/, where script paths in _config.yml
+# (relative to _static, as Sphinx wants) find them. They are not in a source
+# _static/ folder, whose every .js and .css Jupyter Book adds to every page.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 work="$root/_build/widgets-js"
-vendor="$work/site/_vendor"
+vendor="$work/site/_static/_vendor"
 
 command -v npm >/dev/null || {
     echo "build.sh: npm not found; install Node.js (>= 18) with npm" >&2
@@ -41,8 +44,9 @@ mkdir -p "$vendor/widgets" "$vendor/mathjax" "$vendor/licenses"
 # own folder, so they go beside it.
 manager="$modules/@jupyter-widgets/html-manager/dist"
 cp "$modules/requirejs/require.js" "$vendor/widgets/"
+cp "$here/setup.js" "$vendor/widgets/"  # ours: font path, MathJax 3 bridge
 cp "$manager/embed-amd.js" "$vendor/widgets/"
-for ext in woff2 woff ttf eot svg; do
+for ext in woff2 woff; do  # every browser since 2014 takes one of these
     cp "$manager"/*."$ext" "$vendor/widgets/"
 done
 

@@ -1,0 +1,228 @@
+"""Widgets that show lab reports, and the primitive every chapter's widgets build on.
+
+Introduced in chapter 0 ("Why one device is not enough"); the data-parallel and ZeRO
+chapters reuse :func:`interactive_figure`. The widgets here only wire controls: what
+they draw comes from the pure, tested functions of :mod:`utils.plots` (re-exported
+below, so ``from utils.widgets import memory_bars`` works).
+
+Why figures go into the Output widget the way they do
+-----------------------------------------------------
+A figure is saved as PNG and assigned to the Output widget's ``outputs`` trait from
+Python (:func:`show_figure`), instead of being displayed inside ``with output:``.
+``outputs`` is part of the widget's synced state, so when Jupyter Book executes a
+chapter (nbclient, ``store_widget_state``) the image is saved in the notebook's
+widget state, and the static HTML page shows it with no kernel: the page's HTML
+manager (see ``utils/html_manager``) rebuilds the widget from that state. The same
+assignment works live in JupyterLab, Notebook 7, VS Code and Colab.
+
+In the static book, Python callbacks cannot run. Controls that pick from a few
+options can still work there with ``prerender=True``: every choice is drawn at build
+time and the browser switches between them (``jslink`` to a ``Stack``).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ipywidgets as widgets
+from matplotlib.figure import Figure
+
+from utils.plots import (  # noqa: F401  (re-exported: the widgets' public API)
+    CATEGORY_COLORS,
+    FIGURE_DPI,
+    KINDS,
+    InlineFigure,
+    byte_scale,
+    figure_png,
+    format_bytes,
+    memory_bars,
+    phases,
+    plot_memory_per_rank,
+    plot_memory_timeline,
+    predicted_per_rank,
+    timeline_series,
+)
+
+PRERENDER_LIMIT = 64
+"""The most figures ``prerender=True`` draws for one widget (each adds ~50 KiB)."""
+
+
+def figure_output(fig: Figure, dpi: int = FIGURE_DPI) -> dict:
+    """The figure as one notebook output (``display_data`` with a base64 PNG).
+
+    Closes the figure if pyplot manages it, so drawing functions that use
+    ``plt.subplots`` do not pile up open figures.
+    """
+    if not isinstance(fig, Figure):
+        raise TypeError(f"a draw function must return a matplotlib Figure, got {fig!r}")
+    png = base64.b64encode(figure_png(fig, dpi)).decode("ascii")
+    width, height = fig.get_size_inches()
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close(fig)
+    return {
+        "output_type": "display_data",
+        "data": {"image/png": png, "text/plain": f"<Figure {width:g}x{height:g} in>"},
+        "metadata": {},
+    }
+
+
+def show_figure(output: widgets.Output, fig: Figure) -> None:
+    """Replace what ``output`` shows with ``fig`` (saved in the widget state)."""
+    output.outputs = (figure_output(fig),)
+
+
+def _show_error(output: widgets.Output) -> None:
+    text = traceback.format_exc()
+    output.outputs = ({"output_type": "stream", "name": "stderr", "text": text},)
+
+
+class InteractiveFigure(widgets.VBox):
+    """The controls above the figure they drive; returned by :func:`interactive_figure`.
+
+    ``controls`` maps each keyword of ``draw`` to its widget, ``figure`` is the
+    Output (or, prerendered, the Stack of Outputs) that shows the figure, and
+    :meth:`values` gives the current keyword arguments.
+    """
+
+    def __init__(self, draw, controls, figure, **kwargs):
+        self.draw, self.controls, self.figure = draw, controls, figure
+        box = widgets.HBox(
+            list(controls.values()), layout=widgets.Layout(flex_flow="row wrap")
+        )
+        super().__init__([box, figure], **kwargs)
+
+    def values(self) -> dict[str, Any]:
+        """The keyword arguments ``draw`` gets now."""
+        return {name: control.value for name, control in self.controls.items()}
+
+    def redraw(self, *_change) -> None:
+        """Draw again with the current values; shows the traceback if draw raises."""
+        try:
+            show_figure(self.figure, self.draw(**self.values()))
+        except Exception:
+            _show_error(self.figure)
+
+
+def _control(name: str, abbrev: Any) -> widgets.ValueWidget:
+    """A widget from an ipywidgets ``interact`` abbreviation, labelled ``name``."""
+    control = widgets.interactive.widget_from_abbrev(abbrev)
+    if control is None or isinstance(control, widgets.fixed):
+        raise TypeError(f"control {name!r}: cannot make a widget from {abbrev!r}")
+    if not control.description:
+        control.description = name.replace("_", " ")
+    control.style.description_width = "initial"
+    if hasattr(control, "continuous_update"):
+        control.continuous_update = False  # redraw on release, not every pixel
+    return control
+
+
+def interactive_figure(
+    draw: Callable[..., Figure], *, prerender: bool = False, **controls: Any
+) -> InteractiveFigure:
+    """Controls plus the figure ``draw(**values)`` returns, redrawn when one changes.
+
+    Each keyword names an argument of ``draw`` and gives its control: an ipywidget
+    (``ToggleButtons``, ``IntSlider``, ...) or an ``interact`` abbreviation:
+    ``(0, 10)`` or ``(0, 10, 2)`` an int slider, ``(0.0, 1.0)`` a float slider,
+    a list (of values or of ``(label, value)`` pairs) or a dict a dropdown, a bool a
+    checkbox, a str a text box. Its label is the keyword unless the widget has one.
+
+    ``draw`` returns a matplotlib Figure (e.g. a :mod:`utils.plots` function, or one
+    made with ``Figure()`` or ``plt.subplots()``; pyplot figures are closed after).
+    The first figure is drawn now (an error raises, failing the build loudly); later
+    errors show their traceback in place of the figure.
+
+    In the static book only the first figure shows, unless ``prerender=True``: then
+    every control must be a selection widget (dropdown, toggle buttons, radio
+    buttons, selection slider; lists and dicts make dropdowns), every combination is
+    drawn now (at most :data:`PRERENDER_LIMIT`), and the page switches between them
+    in the browser, with or without a kernel.
+
+    Example (the "does it fit" calculator)::
+
+        def draw(params_billion, dtype):
+            fig = Figure(figsize=(6, 3)); ax = fig.add_subplot()
+            ...
+            return fig
+
+        interactive_figure(draw, params_billion=(1, 70), dtype=["fp32", "bf16"])
+    """
+    if not controls:
+        raise ValueError("interactive_figure needs at least one control")
+    made = {name: _control(name, abbrev) for name, abbrev in controls.items()}
+    if prerender:
+        return InteractiveFigure(draw, made, _prerendered(draw, made))
+    output = widgets.Output()
+    result = InteractiveFigure(draw, made, output)
+    show_figure(output, draw(**result.values()))
+    for control in made.values():
+        control.observe(result.redraw, names="value")
+    return result
+
+
+def _prerendered(draw: Callable[..., Figure], controls: dict) -> widgets.Widget:
+    """Nested Stacks, one level per control, each jslinked to its control's index."""
+    for name, control in controls.items():
+        is_range = isinstance(control, widgets.SelectionRangeSlider)
+        if not hasattr(control, "index") or is_range:
+            raise TypeError(
+                f"prerender needs selection widgets: {name!r} is {control!r}"
+            )
+    sizes = [len(c.options) for c in controls.values()]
+    if math.prod(sizes) > PRERENDER_LIMIT:
+        raise ValueError(
+            f"prerender would draw {' x '.join(map(str, sizes))} figures, "
+            f"more than {PRERENDER_LIMIT}; drop prerender or offer fewer options"
+        )
+
+    def level(items: Sequence, chosen: dict) -> widgets.Widget:
+        if not items:
+            output = widgets.Output()
+            show_figure(output, draw(**chosen))
+            return output
+        (name, control), rest = items[0], items[1:]
+        values = control._options_values  # the values behind the labels
+        stack = widgets.Stack([level(rest, {**chosen, name: v}) for v in values])
+        stack.selected_index = control.index
+        widgets.jslink((control, "index"), (stack, "selected_index"))
+        return stack
+
+    return level(list(controls.items()), {})
+
+
+def memory_per_rank(reports: Sequence[Any], predicted: Any = None) -> InteractiveFigure:
+    """Per-rank memory by category at a chosen phase, current or peak, beside the
+    analytic prediction; switchable in the static book when phases are few."""
+    names = phases(reports)
+    prerender = 2 * len(names) <= PRERENDER_LIMIT // 2
+
+    def draw(phase: str, kind: str) -> Figure:
+        return plot_memory_per_rank(reports, phase, kind, predicted)
+
+    return interactive_figure(
+        draw,
+        prerender=prerender,
+        phase=widgets.Dropdown(options=names, value=names[-1], description="phase"),
+        kind=widgets.ToggleButtons(options=list(KINDS), description="memory"),
+    )
+
+
+def memory_timeline(reports: Sequence[Any]) -> InteractiveFigure:
+    """Each rank's memory over the run, and one rank's by category."""
+    ranks = [(f"rank {r}", r) for r in sorted(timeline_series(reports))]
+
+    def draw(kind: str, rank: int) -> Figure:
+        return plot_memory_timeline(reports, kind, rank)
+
+    return interactive_figure(
+        draw,
+        prerender=2 * len(ranks) <= PRERENDER_LIMIT // 2,
+        kind=widgets.ToggleButtons(options=list(KINDS), description="memory"),
+        rank=widgets.Dropdown(options=ranks, description="rank"),
+    )
