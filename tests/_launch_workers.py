@@ -74,6 +74,35 @@ def tagged_sum(tag, seconds):
     return (tag, dist.get_rank(), int(t.item())), (start, time.time())
 
 
+def mismatched():
+    """Rank 0 waits in an all_reduce that rank 1 never calls (it just returns)."""
+    if dist.get_rank() == 0:
+        dist.all_reduce(torch.ones(1))
+    return dist.get_rank()
+
+
+def unpicklable_result():
+    """Returns what cannot travel back to the caller."""
+    import threading
+
+    return threading.Lock()
+
+
+def user_timeout_error(bad_rank):
+    """Rank ``bad_rank`` raises an error that merely *mentions* a timeout."""
+    if dist.get_rank() == bad_rank:
+        raise ValueError("timeout must be positive")
+    dist.all_reduce(torch.ones(1))
+    return dist.get_rank()
+
+
+def pid_then_sleep(seconds):
+    """Prints this rank's pid (forwarded to the caller), then sleeps."""
+    rank_print("pid", os.getpid())
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def print_and_return(tag):
     """Prints a line (forwarded to the caller) and returns (tag, rank)."""
     rank_print("hello", tag)

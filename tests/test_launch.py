@@ -127,6 +127,66 @@ def test_killed_rank_is_named_with_the_signal():
     assert "rank 1 was killed by SIGKILL" in str(info.value)
 
 
+def test_mismatched_collectives_name_the_waiting_rank():
+    with pytest.raises(LaunchError) as info:
+        launch(w.mismatched, world_size=2, timeout=2)
+    assert (info.value.rank, info.value.kind) == (0, "hung")
+    assert "failed waiting for other ranks" in str(info.value)
+
+
+def test_an_error_that_mentions_timeout_is_still_blamed_on_its_rank():
+    with pytest.raises(LaunchError) as info:
+        launch(w.user_timeout_error, 1, world_size=2, timeout=30)
+    assert (info.value.rank, info.value.kind) == (1, "raised")
+    assert "ValueError: timeout must be positive" in str(info.value)
+
+
+def test_unpicklable_result_is_reported_by_its_rank():
+    with pytest.raises(LaunchError) as info:
+        launch(w.unpicklable_result, world_size=2)
+    assert info.value.kind == "raised" and "pickle" in str(info.value)
+
+
+def test_ranks_die_when_the_caller_is_killed():
+    """PR_SET_PDEATHSIG: SIGKILL the caller, its fork server and ranks follow."""
+    code = (
+        "from utils.launch import launch\n"
+        "from tests._launch_workers import pid_then_sleep\n"
+        "launch(pid_then_sleep, 60, world_size=2)\n"
+    )
+    caller = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pids = []
+        for line in caller.stdout:
+            if "] pid " in line:
+                pids.append(int(line.split()[-1]))
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2
+    finally:
+        caller.kill()
+        caller.wait()
+    end = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < end:
+        alive = [p for p in alive if _running(p)]
+        time.sleep(0.05)
+    assert alive == []
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.mark.parametrize(
     "kwargs, error, words",
     [

@@ -37,13 +37,31 @@ POLL_S = 0.1
 _PR_SET_PDEATHSIG = 1
 
 # Substrings of errors a rank raises because a *peer* failed or never arrived,
-# not because of its own code: gloo/store timeouts and closed connections.
+# not because of its own code: gloo/store timeouts and closed connections, e.g.
+# "Timed out waiting 3000ms for recv operation to complete" or "Connection closed
+# by peer". Only RuntimeError (torch.distributed's errors derive from it),
+# TimeoutError and ConnectionError count, so a user's ValueError("bad timeout")
+# is still blamed on its rank.
 _TIMEOUT_MARKS = ("timed out", "timeout", "deadline exceeded")
-_PEER_MARKS = ("connection closed", "connection reset", "broken pipe", "peer")
+_PEER_MARKS = ("connection closed", "connection reset", "broken pipe")
+_PEER_TYPES = (RuntimeError, TimeoutError, ConnectionError)
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL us when our parent (the fork server) dies."""
+    """Ask Linux to SIGKILL us when our parent (the fork server) dies.
+
+    The fork server exits when the caller dies (it watches an "alive" pipe whose
+    write end only the caller should hold), and this kills the ranks in turn. But
+    multiprocessing hands every child a copy of that write end too, which would keep
+    the fork server, and so the ranks, alive forever: close our copy first.
+    """
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+        # Forget the server too: a rank that needs one starts its own.
+        server._forkserver_alive_fd = server._forkserver_address = None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -59,6 +77,7 @@ def rank_main(fn, args, rank, world_size, backend, port, timeout, conn, out, err
     for stream, pipe, fd in ((sys.stdout, out, 1), (sys.stderr, err, 2)):
         stream.flush()
         os.dup2(pipe.fileno(), fd)  # the caller forwards it (a notebook sees it)
+        stream.reconfigure(line_buffering=True)  # progress lines show up promptly
     out.close()
     err.close()
     os.environ.update(
@@ -94,7 +113,8 @@ def rank_main(fn, args, rank, world_size, backend, port, timeout, conn, out, err
             timeout=timedelta(seconds=timeout),
         )
         result = fn(*args)
-        dist.destroy_process_group()
+        if dist.is_initialized():  # fn may have torn it down itself
+            dist.destroy_process_group()
         conn.send(("ok", result))
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller
         try:
@@ -117,7 +137,9 @@ def _cpu_count() -> int:
 
 def _is_peer_error(exc: BaseException) -> str | None:
     """ "timeout" / "peer" if exc looks like a symptom of another rank's failure."""
-    text = f"{type(exc).__name__}: {exc}".lower()
+    if not isinstance(exc, _PEER_TYPES):
+        return None
+    text = str(exc).lower()
     if isinstance(exc, TimeoutError) or any(m in text for m in _TIMEOUT_MARKS):
         return "timeout"
     if isinstance(exc, ConnectionError) or any(m in text for m in _PEER_MARKS):

@@ -325,11 +325,12 @@ def _blame(o: _procs.Outcome, stopped: list[int], timeout: float) -> LaunchError
                 f"the first rank returned (timeout={timeout:g})"
             )
         return LaunchError(msg + stop_note, hung[0], "hung", hung)
-    # Every rank failed waiting for another (e.g. mismatched collectives).
-    r = o.order[0]
+    # Ranks failed waiting for peers that had returned or failed the same way
+    # (e.g. mismatched collectives): nobody to blame but the waiters.
+    r, names = o.order[0], ", ".join(map(str, sorted(o.order)))
     msg = (
-        f"every rank failed waiting for another (timeout {timeout:g} s): do they "
-        f"call the same collectives in the same order? Rank {r}'s error:\n\n"
-        f"{o.raised[r][0]}"
+        f"rank(s) {names} failed waiting for other ranks (timeout {timeout:g} s), "
+        "which had returned or failed the same way: do all ranks call the same "
+        f"collectives in the same order? Rank {r}'s error:\n\n{o.raised[r][0]}"
     )
     return LaunchError(msg, r, "hung", sorted(o.order))
