@@ -86,12 +86,14 @@ class InteractiveFigure(widgets.VBox):
     """The controls above the figure they drive; returned by :func:`interactive_figure`.
 
     ``controls`` maps each keyword of ``draw`` to its widget, ``figure`` is the
-    Output (or, prerendered, the Stack of Outputs) that shows the figure, and
+    Output (or, prerendered, the Stack of Outputs) that shows the figure, ``links``
+    the browser-side links from controls to Stacks (prerendered only), and
     :meth:`values` gives the current keyword arguments.
     """
 
-    def __init__(self, draw, controls, figure, **kwargs):
+    def __init__(self, draw, controls, figure, links=(), **kwargs):
         self.draw, self.controls, self.figure = draw, controls, figure
+        self.links = list(links)
         box = widgets.HBox(
             list(controls.values()), layout=widgets.Layout(flex_flow="row wrap")
         )
@@ -157,7 +159,8 @@ def interactive_figure(
         raise ValueError("interactive_figure needs at least one control")
     made = {name: _control(name, abbrev) for name, abbrev in controls.items()}
     if prerender:
-        return InteractiveFigure(draw, made, _prerendered(draw, made))
+        links: list[widgets.Link] = []
+        return InteractiveFigure(draw, made, _prerendered(draw, made, links), links)
     output = widgets.Output()
     result = InteractiveFigure(draw, made, output)
     show_figure(output, draw(**result.values()))
@@ -166,8 +169,11 @@ def interactive_figure(
     return result
 
 
-def _prerendered(draw: Callable[..., Figure], controls: dict) -> widgets.Widget:
-    """Nested Stacks, one level per control, each jslinked to its control's index."""
+def _prerendered(
+    draw: Callable[..., Figure], controls: dict, links: list
+) -> widgets.Widget:
+    """Nested Stacks, one level per control, each jslinked to its control's index
+    (the links are appended to ``links``)."""
     for name, control in controls.items():
         is_range = isinstance(control, widgets.SelectionRangeSlider)
         if not hasattr(control, "index") or is_range:
@@ -190,7 +196,7 @@ def _prerendered(draw: Callable[..., Figure], controls: dict) -> widgets.Widget:
         values = control._options_values  # the values behind the labels
         stack = widgets.Stack([level(rest, {**chosen, name: v}) for v in values])
         stack.selected_index = control.index
-        widgets.jslink((control, "index"), (stack, "selected_index"))
+        links.append(widgets.jslink((control, "index"), (stack, "selected_index")))
         return stack
 
     return level(list(controls.items()), {})
