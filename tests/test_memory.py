@@ -389,6 +389,21 @@ def test_assign_moves_tensors_between_categories():
         mem.assign("weights", master)
 
 
+def test_peak_is_split_by_the_categories_known_at_the_mark():
+    mem = MemoryTracker("cpu")
+    holder = {}
+    mem.assign("grads", lambda: holder.get("shard"))  # e.g. a reduce-scatter output
+    with mem:
+        mem.mark("init")
+        holder["shard"] = torch.zeros(1000)  # born in the phase: not yet known as grads
+        tmp = torch.zeros(500)
+        del tmp  # the phase peaked while both were alive
+        e = mem.mark("backward")
+    assert e["current"] == {**e["current"], "grads": 4000, "activations": 0}
+    assert e["peak"]["grads"] == 4000 and e["peak"]["activations"] == 2000
+    assert e["peak_total"] == 6000
+
+
 def test_several_forwards_between_marks_and_reentry():
     # Gradient accumulation: torch's MemTracker raises here; ours must not.
     model = make_mlp([8, 16, 4])

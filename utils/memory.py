@@ -426,9 +426,8 @@ class MemoryTracker(TorchDispatchMode):
         module_params = list(self._params.keys())
         owned = {id(st) for p in module_params for st in _storages(p)}
         for opt in _optimizers_within(self._optimizers):
-            for state in opt.state.values():
-                for rec in self._records_of(list(state.values()), "optimizer"):
-                    self._set_category(rec, "optimizer")
+            for rec in self._records_of(list(opt.state.values()), "optimizer"):
+                self._set_category(rec, "optimizer")
             for group in opt.param_groups:
                 for p in group["params"]:
                     if not isinstance(p, torch.Tensor):
@@ -497,9 +496,8 @@ class MemoryTracker(TorchDispatchMode):
     def _on_step_post(self, optimizer, args, kwargs) -> None:
         self._step_depth = max(0, self._step_depth - 1)
         self._drain()
-        for state in optimizer.state.values():
-            for rec in self._records_of(list(state.values()), "optimizer"):
-                self._set_category(rec, "optimizer")
+        for rec in self._records_of(list(optimizer.state.values()), "optimizer"):
+            self._set_category(rec, "optimizer")
         if self._step_depth == 0:
             # What a step created and kept is optimizer state; what it freed was
             # workspace and stays "other".
