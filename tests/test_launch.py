@@ -338,6 +338,33 @@ def test_python_dash_m_module_can_launch_its_own_worker():
     assert f"results: [(0, 2, 1, {threads}, 'cpu'), (1, 2, 1, {threads}," in proc.stdout
 
 
+def test_from_a_notebook_kernel():
+    """The main use: ranks' output lands in the cell, cell functions are refused."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    cells = [
+        "from utils.launch import launch\n"
+        "from tests._launch_workers import print_and_return",
+        "launch(print_and_return, 'nb', world_size=2)",
+        "def in_a_cell():\n    return 1\n"
+        "try:\n    launch(in_a_cell, world_size=2)\n"
+        "except TypeError as e:\n    print('refused:', e)",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    client = nbclient.NotebookClient(
+        nb, timeout=60, resources={"metadata": {"path": str(ROOT)}}
+    )
+    client.execute(env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    def text(cell):
+        return "".join(o.get("text", "") for o in cell.outputs)
+
+    assert "[rank 0] hello nb" in text(nb.cells[1])
+    assert "[rank 1] hello nb" in text(nb.cells[1])
+    assert "('nb', 1)" in nb.cells[1].outputs[-1]["data"]["text/plain"]
+    assert "refused: launch cannot run 'in_a_cell'" in text(nb.cells[2])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(GPUS < 2, reason="needs 2 CUDA GPUs")
 def test_nccl_ranks_get_one_gpu_each(capsys):

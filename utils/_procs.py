@@ -264,3 +264,63 @@ def signal_name(exitcode: int | None) -> str:
         except ValueError:
             return f"signal {-exitcode}"
     return f"exit code {exitcode}"
+
+
+def blame(o: Outcome, stopped, timeout: float, backend: str):
+    """(message, rank, kind, ranks) for a failed job: name the rank at fault.
+
+    A rank that raised on its own, or died, is at fault. A rank that failed only
+    waiting for a peer (a collective timeout or a closed connection; under NCCL, a
+    SIGABRT from its watchdog, which aborts the process on a timeout) is a witness:
+    the ranks never heard from are then named as hung, with its error as context.
+    """
+
+    def witness(r: int) -> bool:
+        if r in o.died:
+            return backend == "nccl" and o.died[r] == -signal.SIGABRT
+        return bool(o.raised[r][1])
+
+    def text(r: int) -> str:
+        if r in o.died:
+            return f"rank {r} was aborted (SIGABRT) by NCCL's watchdog; see stderr"
+        return o.raised[r][0]
+
+    own = [r for r in o.order if not witness(r)]
+    note = f"\n(stopped the other ranks: {stopped})" if stopped else ""
+    if own and own[0] in o.died:
+        r, how = own[0], signal_name(o.died[own[0]])
+        if how.startswith("SIG"):
+            msg = f"rank {r} was killed by {how} without returning a result"
+        else:
+            msg = (
+                f"rank {r} died with {how} without returning a result (it may have "
+                "failed before reaching the worker: see its stderr above; a script "
+                'that calls launch at top level needs an `if __name__ == "__main__":`'
+                " guard)"
+            )
+        return msg + note, r, "killed", own
+    if own:
+        r = own[0]
+        return f"rank {r} raised; its traceback:\n\n{text(r)}{note}", r, "raised", own
+    hung = sorted(o.pending)
+    names = ", ".join(map(str, hung or sorted(o.order)))
+    if hung and o.order:
+        w, them = o.order[0], "them" if len(hung) > 1 else "it"
+        msg = (
+            f"rank {names} hung: rank {w} failed waiting for {them} in a collective "
+            f"(timeout {timeout:g} s). Rank {w}'s error, for context:\n\n{text(w)}"
+        )
+    elif hung:
+        msg = (
+            f"rank {names} hung: still running {timeout:g} s after the first rank "
+            f"returned (timeout={timeout:g})"
+        )
+    else:  # waiters whose peers returned or failed the same way: blame the waiters
+        msg = (
+            f"rank {names} failed waiting for other ranks (timeout {timeout:g} s), "
+            "which had returned or failed the same way: do all ranks call the same "
+            f"collectives in the same order? Rank {o.order[0]}'s error:\n\n"
+            f"{text(o.order[0])}"
+        )
+    culprits = hung or sorted(o.order)
+    return msg + note, culprits[0], "hung", culprits
