@@ -1,0 +1,354 @@
+"""Lab 1, data parallelism: every rank a full replica, gradients averaged.
+
+Chapter 1 ("Data parallelism"). Each rank trains the same MLP with Adam on its
+1/world_size share of a fixed global batch, averages gradients with one of three
+implementations, and reports losses, memory by category, bytes sent and a
+compute/communication timeline measured per rank::
+
+    python -m labs.data_parallel --world-size 4 --impl naive
+    python -m labs.data_parallel --world-size 4 --impl bucketed --bucket-mb 0.25
+    python -m labs.data_parallel --world-size 2 --impl bucketed --allreduce ring
+    python -m labs.data_parallel --world-size 4 --impl ddp --accum-steps 2
+    torchrun --nproc-per-node 4 -m labs.data_parallel --impl bucketed
+
+``naive`` and ``bucketed`` are ``utils.ddp.NaiveDDP`` / ``BucketedDDP``; ``ddp`` is
+torch's DistributedDataParallel with a comm hook that times its buckets.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from utils.cli import BACKENDS, config_from_args, finish, lab_parser, progress
+from utils.comm import CommMeter, all_reduce, bus_factor, nbytes, ring_all_reduce
+from utils.ddp import ALLREDUCE, BucketedDDP, NaiveDDP
+from utils.launch import launch, rank_device, synchronize
+from utils.memory import MemoryTracker
+from utils.models import MLP, count_params, mlp_batch, shard_batch
+from utils.report import RankReport
+
+IMPLS = ("naive", "bucketed", "ddp")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One data-parallel training run."""
+
+    world_size: int = 2
+    """Ranks in the data-parallel group (dp_size)."""
+    backend: str = "auto"
+    """auto: NCCL with one GPU per rank if there are enough GPUs, else gloo on CPU."""
+    steps: int = 4
+    """Optimizer steps; timings average all but the first (warm-up) step."""
+    seed: int = 0
+    """Seed of the weights and of the synthetic batches."""
+    impl: str = "bucketed"
+    """How gradients are averaged: naive, bucketed (overlapping backward) or ddp."""
+    allreduce: str = "builtin"
+    """builtin: the backend's all-reduce; ring: utils.comm.ring_all_reduce."""
+    bucket_mb: float = 0.25
+    """Bucket capacity in MiB (DDP's default is 25; small so this model has several)."""
+    accum_steps: int = 1
+    """Micro-batches accumulated per step; only the last one synchronises."""
+    batch_size: int = 64
+    """Global batch per step, whatever the world size: losses do not depend on it."""
+    sizes: tuple[int, ...] = (256, 512, 512, 512, 256)
+    """MLP widths (in, hidden..., out): about 0.7 M parameters."""
+    lr: float = 1e-3
+    """Adam's learning rate."""
+    track_memory: bool = True
+    """Record the memory timeline (a dispatch mode; the benchmark turns it off)."""
+    return_params: bool = False
+    """Send the final parameters back in ``extra["params"]`` (tests compare them)."""
+
+    def __post_init__(self):
+        def positive_int(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+        for name in ("world_size", "steps", "accum_steps", "batch_size"):
+            positive_int(name)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.allreduce not in ALLREDUCE:
+            raise ValueError(
+                f"allreduce must be one of {ALLREDUCE}, got {self.allreduce!r}"
+            )
+        if self.allreduce == "ring" and self.impl == "ddp":
+            raise ValueError("allreduce='ring' needs impl naive or bucketed, not ddp")
+        if isinstance(self.bucket_mb, bool) or not (
+            isinstance(self.bucket_mb, (int, float)) and self.bucket_mb > 0
+        ):
+            raise ValueError(f"bucket_mb must be a number > 0, got {self.bucket_mb!r}")
+        per_step = self.world_size * self.accum_steps
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"batch_size={self.batch_size} must divide into world_size="
+                f"{self.world_size} x accum_steps={self.accum_steps} = {per_step} "
+                "equal micro-batches"
+            )
+        if len(self.sizes) < 2 or any(int(s) < 1 for s in self.sizes):
+            raise ValueError(f"sizes must be >= 2 positive ints, got {self.sizes!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+
+
+TINY = Config(steps=3, batch_size=16, sizes=(32, 64, 64, 8), bucket_mb=0.01)
+"""What tests and CI run: 6,792 parameters in 2-3 buckets, a few seconds."""
+
+
+# [wrap-start]
+def wrap(model, cfg: Config, meter: CommMeter, events: list):
+    """The data-parallel replica: one of our wrappers, or torch's DDP."""
+    if cfg.impl == "naive":
+        ddp = NaiveDDP(model, allreduce=cfg.allreduce, meter=meter)
+    elif cfg.impl == "bucketed":
+        ddp = BucketedDDP(model, cfg.bucket_mb, allreduce=cfg.allreduce, meter=meter)
+    else:
+        device = next(model.parameters()).device
+        ddp = DistributedDataParallel(
+            model,
+            device_ids=None if device.index is None else [device.index],
+            bucket_cap_mb=cfg.bucket_mb,
+            gradient_as_bucket_view=True,  # grads live in the buckets: no extra copy
+        )
+        ddp.register_comm_hook((meter, events), _timed_allreduce_hook)
+    if cfg.impl != "ddp":
+        ddp.comm_events = events
+    return ddp
+
+
+# [wrap-end]
+
+
+def _timed_allreduce_hook(state, bucket):
+    """torch's default DDP hook (average a bucket), plus bytes and timestamps."""
+    meter, events = state
+    event = {"kind": "comm", "name": f"bucket {bucket.index()}"}
+    event["start"] = time.perf_counter()
+    events.append(event)
+    buffer = bucket.buffer().div_(dist.get_world_size())
+    fut = all_reduce(buffer, meter=meter, async_op=True).get_future()
+
+    def done(f):
+        event.setdefault("end", time.perf_counter())
+        return f.value()[0]
+
+    return fut.then(done)
+
+
+class _Clock:
+    """Measured compute intervals, and a memory mark at the end of each phase."""
+
+    def __init__(self, device, mem: MemoryTracker | None):
+        self.device, self.mem, self.events, self.step = device, mem, [], 0
+
+    @contextmanager
+    def __call__(self, phase: str, kind: str = "compute", mark: bool = True):
+        start = time.perf_counter()
+        yield
+        synchronize(self.device)
+        self.events.append({"kind": kind, "name": phase, "start": start})
+        self.events[-1]["end"] = time.perf_counter()
+        if self.mem is not None and mark:
+            self.mem.mark(phase, step=self.step)
+
+
+# [train-step-start]
+def train_step(model, opt, micro_batches, cfg: Config, clock: _Clock) -> float:
+    """One optimizer step over this rank's micro-batches; returns its local loss."""
+    opt.zero_grad(set_to_none=False)  # keep the grads allocated (16 B/param)
+    total = 0.0
+    for k, (x, y) in enumerate(micro_batches):
+        last = k == len(micro_batches) - 1
+        with nullcontext() if last else model.no_sync():  # sync only the last
+            with clock("forward"):
+                loss = F.mse_loss(model(x), y) / len(micro_batches)
+            with clock("backward"):
+                loss.backward()  # bucketed/ddp: all-reduces start in here
+        total += loss.item()
+    if cfg.impl != "ddp":  # DDP waits inside backward; ours wait here
+        with clock("sync", kind="wait", mark=False):
+            model.finish_gradient_synchronization()
+    with clock("step"):
+        opt.step()
+    return total
+
+
+# [train-step-end]
+
+
+def worker(cfg: Config) -> RankReport:
+    """Runs in every rank: build, replicate, train ``cfg.steps`` steps, report."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    if n != cfg.world_size:
+        cfg = replace(cfg, world_size=n)  # torchrun decides the world size
+    device = rank_device()
+    meter, comm_events = CommMeter(), []
+    model = wrap(MLP(cfg.sizes, seed=cfg.seed).to(device), cfg, meter, comm_events)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    mem = MemoryTracker(device).watch(model.module, opt) if cfg.track_memory else None
+    clock = _Clock(device, mem)
+    losses, sent, timeline = [], [], []
+    with mem if mem is not None else nullcontext():
+        for step in progress(range(cfg.steps), rank=rank, total=cfg.steps):
+            x, y = mlp_batch(cfg.sizes, cfg.batch_size, seed=cfg.seed, step=step)
+            x, y = shard_batch((x.to(device), y.to(device)), rank, n)  # my share
+            micro = list(zip(x.chunk(cfg.accum_steps), y.chunk(cfg.accum_steps)))
+            clock.step, clock.events = step, []
+            comm_events.clear()
+            meter.reset()
+            dist.barrier()  # ranks start the step together: comparable timelines
+            t0 = time.perf_counter()
+            losses.append(train_step(model, opt, micro, cfg, clock))
+            sent.append(meter.total)
+            events = sorted(clock.events + comm_events, key=lambda e: e["start"])
+            timeline.append(
+                [{**e, "start": e["start"] - t0, "end": e["end"] - t0} for e in events]
+            )
+    global_losses = torch.tensor(losses, dtype=torch.float64)
+    dist.all_reduce(global_losses)  # the global-batch loss: mean of equal shares
+    params = {k: v.detach().cpu() for k, v in model.module.state_dict().items()}
+    checksum = float(sum(p.double().sum() for p in params.values()))
+    grad_bytes = sum(nbytes(p) for p in model.module.parameters() if p.requires_grad)
+    return RankReport(
+        rank=rank,
+        world_size=n,
+        backend=dist.get_backend(),
+        device=str(device),
+        num_params=count_params(model.module),
+        losses=(global_losses / n).tolist(),
+        memory=mem.timeline() if mem is not None else [],
+        comm_bytes=sent[-1],
+        timings=split_times(timeline[1:] or timeline),
+        extra={
+            "config": asdict(cfg),
+            "timeline": timeline,
+            "comm_bytes_per_step": sent,
+            "comm_by_op": dict(meter.by_op),
+            "grad_bytes": grad_bytes,
+            "rows_per_rank": cfg.batch_size // n,
+            "param_checksum": checksum,  # equal on every rank: replicas agree
+            "params": {k: v.tolist() for k, v in params.items()}
+            if cfg.return_params
+            else None,
+        },
+    )
+
+
+def _union(intervals):
+    merged = []
+    for s, e in sorted(intervals):
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    return merged
+
+
+def _length(intervals) -> float:
+    return sum(e - s for s, e in intervals)
+
+
+def split_times(timeline: list[list[dict]]) -> dict[str, float]:
+    """Mean seconds per step: step, compute, comm, overlap (comm hidden behind
+    compute) and exposed comm (comm - overlap), from measured intervals."""
+    rows = []
+    for events in timeline:
+        compute = _union(
+            [(e["start"], e["end"]) for e in events if e["kind"] == "compute"]
+        )
+        comm = _union([(e["start"], e["end"]) for e in events if e["kind"] == "comm"])
+        hidden = [(max(a, c), min(b, d)) for a, b in compute for c, d in comm]
+        overlap = _length([(s, e) for s, e in hidden if e > s])
+        rows.append(
+            {
+                "step": max(e["end"] for e in events),
+                "compute": _length(compute),
+                "comm": _length(comm),
+                "overlap": overlap,
+                "exposed_comm": _length(comm) - overlap,
+            }
+        )
+    return {k: statistics.fmean(r[k] for r in rows) for k in rows[0]}
+
+
+def run(cfg: Config) -> list[RankReport]:
+    """Start ``cfg.world_size`` ranks (or join torchrun's) and collect reports."""
+    return launch(worker, cfg, world_size=cfg.world_size, backend=cfg.backend)
+
+
+# [busbw-start]
+def bandwidth_worker(sizes_bytes: list[int], iters: int = 5) -> list[dict]:
+    """Time the ring and the built-in all-reduce on float32 buffers of each size.
+
+    One row per (size, impl): the median over ``iters`` of the slowest rank's time,
+    algbw = S / t and busbw = algbw * 2(n-1)/n (nccl-tests' definitions).
+    """
+    n, device = dist.get_world_size(), rank_device()
+    rows = []
+    for size in sizes_bytes:
+        buffer = torch.ones(max(1, size // 4), device=device)
+        for impl, op in (("builtin", dist.all_reduce), ("ring", ring_all_reduce)):
+            times = torch.zeros(iters + 1, dtype=torch.float64)
+            for i in range(iters + 1):  # the first one warms up
+                dist.barrier()
+                start = time.perf_counter()
+                op(buffer)
+                synchronize(device)
+                times[i] = time.perf_counter() - start
+            dist.all_reduce(times, op=dist.ReduceOp.MAX)
+            t = statistics.median(times[1:].tolist())
+            algbw = nbytes(buffer) / t
+            rows.append(
+                {
+                    "impl": impl,
+                    "bytes": nbytes(buffer),
+                    "time_s": t,
+                    "algbw": algbw,
+                    "busbw": algbw * bus_factor("all_reduce", n),
+                }
+            )
+    return rows
+
+
+# [busbw-end]
+
+
+def measure_bandwidth(
+    world_size: int, sizes_bytes, iters: int = 5, backend: str = "auto"
+) -> list[dict]:
+    """Rank 0's rows of :func:`bandwidth_worker` on ``world_size`` ranks."""
+    sizes = [int(s) for s in sizes_bytes]
+    return launch(
+        bandwidth_worker, sizes, iters, world_size=world_size, backend=backend
+    )[0]
+
+
+def main(argv=None) -> None:
+    parser = lab_parser(__doc__, Config())
+    parser.add_argument("--impl", choices=IMPLS, default=Config.impl)
+    parser.add_argument("--allreduce", choices=ALLREDUCE, default=Config.allreduce)
+    parser.add_argument("--bucket-mb", type=float, default=Config.bucket_mb)
+    parser.add_argument("--accum-steps", type=int, default=Config.accum_steps)
+    parser.add_argument("--batch-size", type=int, default=Config.batch_size)
+    parser.add_argument("--no-memory", dest="track_memory", action="store_false")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(Config, args)
+    reports = run(cfg)
+    finish(reports, args.json)
+
+
+if __name__ == "__main__":
+    main()
