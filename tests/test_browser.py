@@ -1,0 +1,279 @@
+"""The built book in a real browser: widgets render offline, and no page needs a CDN.
+
+Runs after ``make book`` (it reads ``_build/html``; set ``BOOK_HTML`` to test
+another build) with headless Chromium (``apt-get install chromium``; set
+``CHROMIUM`` to use another binary), and skips with the reason if either is
+missing. The book is served on 127.0.0.1 and Chromium resolves every other host to
+nothing, so a page that fetched anything from the internet would break here.
+
+    .venv/bin/python -m pytest -m browser tests/test_browser.py
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+bs4 = pytest.importorskip("bs4", reason="beautifulsoup4 comes with jupyter-book")
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOK = Path(os.environ.get("BOOK_HTML", ROOT / "_build" / "html"))
+STATE = "application/vnd.jupyter.widget-state+json"
+VIEW = "application/vnd.jupyter.widget-view+json"
+CDN = re.compile(r"https?://[^\s\"'<>]*(cdn|unpkg|jsdelivr)[^\s\"'<>]*", re.I)
+# sphinx-thebe (which Jupyter Book always loads) writes this URL into every page as
+# a constant; thebe is fetched only when a reader starts live code, which our
+# _config.yml turns off (launch_buttons.thebe: false). Nothing else may name a CDN.
+ALLOWED_CDN = {"https://unpkg.com/thebe@0.8.2/lib/index.js"}
+# sphinx-thebe also declares that constant twice per page, a known console error
+# of Jupyter Book 1 that no widget depends on.
+ALLOWED_CONSOLE = ("Identifier 'THEBE_JS_URL' has already been declared",)
+
+
+def chromium() -> str | None:
+    names = [os.environ.get("CHROMIUM", ""), "chromium", "chromium-browser"]
+    names += ["google-chrome", "google-chrome-stable"]
+    return next((shutil.which(n) for n in names if n and shutil.which(n)), None)
+
+
+def chapter_pages() -> list[Path]:
+    return sorted((BOOK / "chapters").glob("*.html"))
+
+
+def soup(html: str) -> bs4.BeautifulSoup:
+    return bs4.BeautifulSoup(html, "html.parser")
+
+
+def widget_state(page: Path) -> dict:
+    """The page's saved widget models, ``{model_id: {"model_name", "state"}}``."""
+    tags = soup(page.read_text()).find_all("script", type=STATE)
+    return {k: v for t in tags for k, v in json.loads(t.string)["state"].items()}
+
+
+def reachable(state: dict, model_id: str) -> set[str]:
+    """Model ids reachable from one view's model through "IPY_MODEL_..." refs."""
+    seen, todo = set(), [model_id]
+    while todo:
+        mid = todo.pop()
+        if mid in seen or mid not in state:
+            continue
+        seen.add(mid)
+        todo += re.findall(r"IPY_MODEL_([0-9a-f]+)", json.dumps(state[mid]["state"]))
+    return seen
+
+
+def has_png(model: dict) -> bool:
+    outputs = model["state"].get("outputs", [])
+    return model["model_name"] == "OutputModel" and any(
+        "image/png" in o.get("data", {}) for o in outputs
+    )
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves the book, records every request, and serves the harness pages."""
+
+    requests: list[tuple[str, int]]
+    extra: dict[str, str]
+
+    def do_GET(self):
+        body = self.extra.get(self.path.split("?")[0])
+        if body is None:
+            return super().do_GET()
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_request(self, code="-", size="-"):
+        self.requests.append((self.path, int(code) if str(code).isdigit() else 0))
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """``open(path, *flags) -> (stdout, console lines)`` over a served book."""
+    exe = chromium()
+    if exe is None:
+        pytest.skip("no Chromium: apt-get install chromium (or set CHROMIUM)")
+    if not chapter_pages():
+        pytest.skip(f"no chapter page in {BOOK}: run `make book` first")
+    handler = type("Handler", (_Handler,), {"requests": [], "extra": {}})
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(handler, directory=str(BOOK))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_port}"
+
+    def open_page(path: str, *flags: str, budget_ms: int = 20000):
+        with tempfile.TemporaryDirectory() as profile:
+            cmd = [
+                exe,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                # every host but ours resolves to nothing: the page must be offline
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+                "--enable-logging=stderr",
+                "--v=0",
+                f"--virtual-time-budget={budget_ms}",
+                *flags,
+                f"{base}/{path}",
+            ]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        console = [ln for ln in done.stderr.splitlines() if ":CONSOLE" in ln]
+        return done.stdout, console
+
+    open_page.requests = handler.requests
+    open_page.extra = handler.extra
+    try:
+        yield open_page
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_no_page_references_a_cdn():
+    pages = sorted(BOOK.rglob("*.html"))
+    if not chapter_pages():
+        pytest.skip(f"no chapter page in {BOOK}: run `make book` first")
+    found = {
+        f"{page.relative_to(BOOK)}: {url}"
+        for page in pages
+        for url in (m.group(0) for m in CDN.finditer(page.read_text()))
+        if url not in ALLOWED_CDN
+    }
+    assert not found, "pages reference a CDN:\n" + "\n".join(sorted(found))
+    for page in pages:
+        if widget_state(page):
+            srcs = [
+                s["src"] for s in soup(page.read_text()).find_all("script", src=True)
+            ]
+            assert any("_vendor/widgets/embed-amd.js" in s for s in srcs), page
+
+
+@pytest.mark.parametrize("page", chapter_pages(), ids=lambda p: p.stem)
+def test_chapter_renders_its_widgets_and_figures_offline(browser, page):
+    rel = page.relative_to(BOOK).as_posix()
+    source = soup(page.read_text())
+    views = [
+        json.loads(t.string)["model_id"] for t in source.find_all("script", type=VIEW)
+    ]
+    state = widget_state(page)
+    static_imgs = [
+        img["src"]
+        for img in source.select(".cell_output img")
+        if not img["src"].startswith("data:")
+    ]
+    del browser.requests[:]
+    dom, console = browser(rel, "--dump-dom")
+    rendered = soup(dom)
+
+    # each view script became a rendered widget, and each widget whose saved state
+    # holds a figure shows it as an image
+    for model_id in views:
+        tag = next(
+            t
+            for t in rendered.find_all("script", type=VIEW)
+            if json.loads(t.string)["model_id"] == model_id
+        )
+        area = tag.find_previous_sibling("div", class_="widget-subarea")
+        assert area is not None and area.select(".jupyter-widgets"), (
+            f"{rel}: widget {model_id} was not rendered"
+        )
+        if any(has_png(state[m]) for m in reachable(state, model_id)):
+            imgs = area.select(".widget-output img")
+            assert imgs and imgs[0]["src"].startswith("data:image/png;base64,"), (
+                f"{rel}: widget {model_id} shows no figure"
+            )
+
+    # static figures are in the page and were served
+    for src in static_imgs:
+        assert rendered.find("img", src=src) is not None, f"{rel}: lost image {src}"
+    failed = [(p, c) for p, c in browser.requests if c >= 400 and "favicon" not in p]
+    assert not failed, f"{rel}: requests failed: {failed}"
+    errors = [
+        line
+        for line in console
+        if ("Uncaught" in line or "Error" in line)
+        and not any(a in line for a in ALLOWED_CONSOLE)
+    ]
+    assert not errors, f"{rel}: console errors:\n" + "\n".join(errors)
+
+
+HARNESS = """<!doctype html><html><body>
+<iframe id="page" src="{page}" width="1200" height="3000"></iframe>
+<pre id="result">pending</pre>
+<script>
+const frame = document.getElementById("page");
+const shown = doc => [...doc.querySelectorAll(".widget-output img")]
+  .filter(img => img.offsetParent !== null).map(img => img.src);
+frame.addEventListener("load", () => setTimeout(() => {{
+  const doc = frame.contentDocument, before = shown(doc), changed = [];
+  doc.querySelectorAll(".widget-dropdown select").forEach((select, i) => {{
+    select.selectedIndex = (select.selectedIndex + 1) % select.options.length;
+    select.dispatchEvent(new Event("change", {{bubbles: true}}));
+  }});
+  setTimeout(() => {{
+    const after = shown(doc);
+    document.getElementById("result").textContent = JSON.stringify(
+      {{before: before.length, after: after.length,
+        changed: before.filter((src, i) => src !== after[i]).length}});
+  }}, 3000);
+}}, 8000));
+</script></body></html>"""
+
+
+def test_prerendered_widgets_switch_figures_without_a_kernel(browser):
+    pages = [
+        p
+        for p in chapter_pages()
+        if any(m["model_name"] == "StackModel" for m in widget_state(p).values())
+    ]
+    if not pages:
+        pytest.skip(
+            "no chapter has a prerendered widget (interactive_figure(prerender=True))"
+        )
+    for page in pages:
+        browser.extra["/harness.html"] = HARNESS.format(
+            page=page.relative_to(BOOK).as_posix()
+        )
+        dom, _ = browser("harness.html", "--dump-dom", budget_ms=40000)
+        result = json.loads(soup(dom).find("pre", id="result").string)
+        assert result["before"] > 0, f"{page.name}: no figure shown: {result}"
+        assert result["changed"] > 0, f"{page.name}: no figure followed its control"
+
+
+def test_screenshot_shows_a_rendered_page(browser, tmp_path):
+    from matplotlib.image import imread
+
+    pages = [p for p in chapter_pages() if widget_state(p)] or chapter_pages()
+    shot = tmp_path / "page.png"
+    rel = pages[0].relative_to(BOOK).as_posix()
+    browser(rel, f"--screenshot={shot}", "--window-size=1200,3000")
+    assert shot.exists() and shot.stat().st_size > 20_000, "screenshot is empty"
+    pixels = imread(shot)
+    assert pixels.shape[0] >= 1000 and pixels.shape[1] >= 1000
+    assert pixels[..., :3].std() > 0.05, "screenshot is a blank page"
