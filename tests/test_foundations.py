@@ -1,0 +1,313 @@
+"""Chapter 0's lab, figures and exercise checks (labs/foundations.py).
+
+The lab runs once at world size 2 and once at 4 (every part in one launch each);
+the collectives are checked against torch's semantics computed here from the
+ranks' inputs, the anatomy against the analytic model and a single-process run.
+"""
+
+import dataclasses
+import math
+import subprocess
+import textwrap
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from labs import foundations as lab
+from utils.comm import bus_factor, bytes_sent
+from utils.exercises import foundations as ex
+from utils.figures import foundations as fig
+from utils.memory import model_state_bytes
+from utils.models import MLP, mlp_batch
+
+# --------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("world_size", 0, "world_size"),
+        ("backend", "mpi", "backend"),
+        ("part", "zero", "part"),
+        ("steps", 0, "steps"),
+        ("sizes", (8,), "sizes"),
+        ("sizes", (8, 0), "sizes"),
+        ("batch_size", 7, "divide"),
+        ("chunk", 0, "chunk"),
+        ("min_bytes", 6, "multiple of 4"),
+        ("max_bytes", 1024, "max_bytes"),
+        ("iters", 0, "iters"),
+        ("warmup", -1, "warmup"),
+        ("world_size", True, "world_size"),
+    ],
+)
+def test_config_rejects_bad_values(field, value, words):
+    with pytest.raises(ValueError, match=words):
+        dataclasses.replace(lab.TINY, **{field: value})
+
+
+def test_batch_divisibility_only_matters_for_the_anatomy():
+    cfg = dataclasses.replace(lab.TINY, world_size=3, part="busbw")
+    assert cfg.parts == ("busbw",)
+
+
+def test_message_sizes_grow_by_four_up_to_max():
+    cfg = dataclasses.replace(lab.TINY, min_bytes=1024, max_bytes=20_000)
+    assert cfg.message_sizes() == [1024, 4096, 16384]
+
+
+def test_cli_rejects_bad_values_before_starting_ranks():
+    with pytest.raises(SystemExit, match="world_size"):
+        lab.main(["--world-size", "0"])
+    with pytest.raises(SystemExit, match="min_bytes"):
+        lab.main(["--part", "busbw", "--min-bytes", "3"])
+
+
+def test_slurm_template_is_valid_bash():
+    result = subprocess.run(
+        ["bash", "-n", "labs/slurm/lab.sbatch"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    text = open("labs/slurm/lab.sbatch").read()
+    for needed in ("#SBATCH --nodes", "srun", "torchrun", "--rdzv-endpoint"):
+        assert needed in text
+
+
+# ------------------------------------------------------------------- the lab
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["ws2", "ws4"])
+def reports(request):
+    cfg = dataclasses.replace(lab.TINY, world_size=request.param, backend="gloo")
+    return cfg, lab.run(cfg)
+
+
+def _expected(op, before, world_size, chunk):
+    """torch's semantics of ``op`` from every rank's input (root: rank 0)."""
+    stacked = torch.tensor(before)
+    total = stacked.sum(0)
+    if op == "broadcast":
+        return [stacked[0].tolist()] * world_size
+    if op == "reduce":
+        return [total.tolist()] + [None] * (world_size - 1)  # only the root is defined
+    if op == "all_reduce":
+        return [total.tolist()] * world_size
+    if op == "reduce_scatter":
+        return [total[r * chunk : (r + 1) * chunk].tolist() for r in range(world_size)]
+    if op == "all_gather":
+        return [stacked.flatten().tolist()] * world_size
+    raise AssertionError(op)
+
+
+def test_collectives_match_torch_semantics(reports):
+    cfg, rs = reports
+    assert [r.rank for r in rs] == list(range(cfg.world_size))
+    grids = fig.collective_grids(rs)
+    assert list(grids) == list(lab.COLLECTIVES)
+    for op, grid in grids.items():
+        expected = _expected(op, grid["before"], cfg.world_size, cfg.chunk)
+        for rank, (got, want) in enumerate(zip(grid["after"], expected)):
+            if want is not None:
+                assert got == want, (op, rank)
+    # all-gather's inputs are each rank's own chunk, reduce-scatter's the whole tensor
+    assert all(len(b) == cfg.chunk for b in grids["all_gather"]["before"])
+    assert all(len(a) == cfg.chunk for a in grids["reduce_scatter"]["after"])
+    origins = fig.value_origins(grids["all_gather"])
+    assert origins[0] == [r for r in range(cfg.world_size) for _ in range(cfg.chunk)]
+    assert all(o is None for o in fig.value_origins(grids["all_reduce"])[0])
+
+
+def test_busbw_is_positive_and_uses_the_all_reduce_factor(reports):
+    cfg, rs = reports
+    rows = fig.busbw_rows(rs)
+    assert [row["bytes"] for row in rows] == cfg.message_sizes()
+    for row in rows:
+        assert row["time_s"] > 0 and row["algbw"] > 0
+        assert row["algbw"] == pytest.approx(row["bytes"] / row["time_s"])
+        factor = 2 * (cfg.world_size - 1) / cfg.world_size
+        assert row["busbw"] == pytest.approx(row["algbw"] * factor)
+    # every rank reports the same (slowest-rank) times
+    assert all(r.extra["busbw"] == rs[0].extra["busbw"] for r in rs)
+
+
+def test_anatomy_model_states_match_the_analytic_model(reports):
+    cfg, rs = reports
+    expected = model_state_bytes(rs[0].num_params, mixed_precision=False)
+    for r in rs:
+        assert r.num_params == sum(p.numel() for p in MLP(cfg.sizes).parameters())
+        phases = [(e["phase"], e["step"]) for e in r.memory]
+        for step in range(cfg.steps):
+            for phase in ("forward", "backward", "step"):
+                assert (phase, step) in phases
+        last = r.memory[-1]
+        assert last["phase"] == "step"
+        for cat in ("params", "grads", "optimizer"):
+            want = getattr(expected, cat)
+            assert last["current"][cat] == pytest.approx(want, rel=0.01), (r.rank, cat)
+        assert r.comm_bytes == bytes_sent("all_reduce", 4 * r.num_params, r.world_size)
+
+
+def test_anatomy_activations_match_the_prediction(reports):
+    _, rs = reports
+    for row in fig.anatomy_rows(rs):
+        assert row["measured"] == pytest.approx(row["predicted"], rel=0.01), row
+
+
+def test_anatomy_losses_equal_a_single_process(reports):
+    cfg, rs = reports
+    model = MLP(cfg.sizes, seed=cfg.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for step in range(cfg.steps):
+        optimizer.zero_grad()
+        x, y = mlp_batch(cfg.sizes, cfg.batch_size, seed=cfg.seed, step=step)
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    for r in rs:
+        torch.testing.assert_close(torch.tensor(r.losses), torch.tensor(losses))
+
+
+def test_figures_draw_from_the_reports(reports):
+    _, rs = reports
+    for figure in (fig.draw_collectives(rs), fig.draw_busbw(rs)):
+        assert figure.axes
+
+
+# ----------------------------------------------------------- pure figure logic
+
+
+def test_state_bytes_per_device_follows_model_state_bytes():
+    n = 1_234_567
+    for key, mixed in (("mixed-16", True), ("fp32-16", False)):
+        got = fig.state_bytes_per_device(n, key)
+        assert got == model_state_bytes(n, mixed_precision=mixed).as_dict()
+        sharded = fig.state_bytes_per_device(n, key, devices=8)
+        want = model_state_bytes(n, world_size=8, zero_stage=3, mixed_precision=mixed)
+        assert sharded == want.as_dict()
+    assert sum(fig.state_bytes_per_device(n, "bf16-inference").values()) == 2 * n
+    with pytest.raises(ValueError, match="convention"):
+        fig.state_bytes_per_device(n, "fp8")
+
+
+def test_fits_table_compares_need_with_vendor_memory():
+    rows = fig.fits_table(7_000_000_000, "mixed-16")
+    assert {r["name"] for r in rows} == {a.name for a in fig.ACCELERATORS}
+    for row in rows:
+        assert row["need_bytes"] == 16 * 7_000_000_000
+        assert row["fits"] == (row["need_bytes"] <= row["memory_bytes"])
+    assert {r["name"] for r in rows if r["fits"]} == {"H200", "MI300X"}  # 112 GB
+    assert all(a.source.startswith("https://") for a in fig.ACCELERATORS)
+
+
+def test_min_devices_is_the_smallest_that_fits():
+    n, memory = 70_000_000_000, 80 * fig.GB
+    k = fig.min_devices(n, memory)
+    assert sum(fig.state_bytes_per_device(n, "mixed-16", k).values()) <= memory
+    assert sum(fig.state_bytes_per_device(n, "mixed-16", k - 1).values()) > memory
+
+
+def test_fit_alpha_beta_recovers_a_synthetic_link():
+    alpha, beta, n = 20e-6, 1 / 5e9, 4
+    sizes = [2**k for k in range(10, 26, 2)]
+    times = [fig.alpha_beta_time(s, n, alpha, beta) for s in sizes]
+    a, b = fig.fit_alpha_beta(sizes, times, n)
+    assert a == pytest.approx(alpha, rel=1e-6)
+    assert b == pytest.approx(beta, rel=1e-6)
+    # a ring all-reduce moves 2(n-1)/n of the data per rank: the busbw factor
+    assert fig.alpha_beta_time(1e9, n, 0, beta) == pytest.approx(
+        bus_factor("all_reduce", n) * 1e9 * beta
+    )
+    with pytest.raises(ValueError):
+        fig.fit_alpha_beta(sizes, times, 1)
+
+
+def test_value_origins_names_single_sources_and_sums():
+    grid = {"before": [[10, 11], [20, 21]], "after": [[10, 21], [30, 32]]}
+    assert fig.value_origins(grid) == [[0, 1], [None, None]]
+
+
+def test_draw_fits_returns_a_figure():
+    assert fig.draw_fits(70, "mixed-16", 8).axes
+    assert not math.isnan(fig.GB)
+
+
+# -------------------------------------------------------------- exercises
+
+REFERENCE_ALL_REDUCE = """
+import torch
+import torch.distributed as dist
+
+
+def all_reduce(tensor):
+    n = dist.get_world_size()
+    flat = tensor.reshape(-1)
+    padded = torch.zeros(-(-flat.numel() // n) * n, dtype=tensor.dtype)
+    padded[: flat.numel()] = flat
+    shard = torch.empty(padded.numel() // n, dtype=tensor.dtype)
+    dist.reduce_scatter_single(shard, padded)
+    dist.all_gather_single(padded, shard)
+    tensor.copy_(padded[: flat.numel()].view_as(tensor))
+    return tensor
+"""
+
+NO_ALL_GATHER = """
+import torch
+import torch.distributed as dist
+
+
+def all_reduce(tensor):
+    n = dist.get_world_size()
+    flat = tensor.reshape(-1)
+    padded = torch.zeros(-(-flat.numel() // n) * n)
+    padded[: flat.numel()] = flat
+    shard = torch.empty(padded.numel() // n)
+    dist.reduce_scatter_single(shard, padded)
+    padded[dist.get_rank() * shard.numel() :][: shard.numel()] = shard
+    tensor.copy_(padded[: flat.numel()].view_as(tensor))
+"""
+
+CHEATS = """
+import torch.distributed as dist
+
+
+def all_reduce(tensor):
+    dist.all_reduce(tensor)
+"""
+
+
+def test_check_state_bytes_accepts_the_answer_and_rejects_fp32_split():
+    def right(n, mixed_precision=True):
+        return (2 * n, 2 * n, 12 * n) if mixed_precision else (4 * n, 4 * n, 8 * n)
+
+    def wrong(n, mixed_precision=True):
+        return (4 * n, 4 * n, 8 * n)  # the right total (16), the wrong split
+
+    ex.check_state_bytes(right)
+    with pytest.raises(AssertionError, match="mixed_precision=True"):
+        ex.check_state_bytes(wrong)
+
+
+def test_check_all_reduce_accepts_the_reference(tmp_path):
+    path = tmp_path / "good.py"
+    path.write_text(textwrap.dedent(REFERENCE_ALL_REDUCE))
+    ex.check_all_reduce(path)
+
+
+@pytest.mark.parametrize(
+    "source, words",
+    [(NO_ALL_GATHER, "dist.all_reduce gives"), (CHEATS, "not dist.all_reduce")],
+    ids=["no-all-gather", "calls-all-reduce"],
+)
+def test_check_all_reduce_rejects_wrong_answers(tmp_path, source, words):
+    path = tmp_path / "bad.py"
+    path.write_text(textwrap.dedent(source))
+    with pytest.raises(AssertionError, match=words):
+        ex.check_all_reduce(path)
+
+
+def test_check_all_reduce_needs_the_file(tmp_path):
+    with pytest.raises(AssertionError, match="writefile"):
+        ex.check_all_reduce(tmp_path / "missing.py")

@@ -1,0 +1,159 @@
+"""Checks for the exercises of chapter 0, "Why one device is not enough".
+
+* :func:`check_state_bytes`: the bytes of parameters, gradients and Adam states a
+  model needs for training, compared with ``utils.memory.model_state_bytes``.
+* :func:`check_all_reduce`: an all-reduce built from reduce-scatter and all-gather,
+  run in 4 gloo ranks and compared with ``dist.all_reduce``. The learner writes it
+  to a file (``%%writefile``) because ranks find code by its module path; each rank
+  loads that file by path (:func:`rank_check_all_reduce`).
+
+A check prints one line when the answer is right and raises ``AssertionError``
+with what was expected when it is not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from utils.memory_model import model_state_bytes
+
+EXERCISE_DIR = Path(tempfile.gettempdir()) / "parallelization-exercises"
+"""Where the chapter's ``%%writefile`` cells put learner code (never the book)."""
+
+_COUNTS = (0, 1, 7, 1000, 124_439_808, 7_000_000_000, 175_000_000_000)
+
+
+def check_state_bytes(state_bytes) -> None:
+    """``state_bytes(num_params, mixed_precision=True)`` must return the bytes of
+    ``(params, grads, optimizer)`` that Adam training keeps on one device."""
+    for n in _COUNTS:
+        for mixed in (True, False):
+            m = model_state_bytes(n, mixed_precision=mixed)
+            expected = (m.params, m.grads, m.optimizer)
+            got = state_bytes(n, mixed_precision=mixed)
+            try:
+                got = tuple(got)
+            except TypeError:
+                got = (got,)
+            if got != expected:
+                kind = "mixed precision" if mixed else "fp32"
+                per = tuple(b // n for b in expected) if n else expected
+                raise AssertionError(
+                    f"state_bytes({n:,}, mixed_precision={mixed}) returned {got!r}; "
+                    f"expected (params, grads, optimizer) = {expected} for {kind} "
+                    f"Adam, i.e. {per} bytes per parameter"
+                )
+    print(
+        "correct: state_bytes agrees with model_state_bytes on "
+        f"{2 * len(_COUNTS)} cases"
+    )
+
+
+def exercise_file(name: str) -> Path:
+    """A path for learner code outside the book (the folder is created)."""
+    EXERCISE_DIR.mkdir(parents=True, exist_ok=True)
+    return EXERCISE_DIR / name
+
+
+# Shapes the check reduces: divisible by 4 ranks, a matrix, and one that is not.
+_SHAPES = ((8,), (4, 6), (5,), (1,))
+_RS = ("reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single")
+_AG = ("all_gather", "all_gather_into_tensor", "all_gather_single")
+
+
+def _load(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(f"_exercise_{os.getpid()}", path)
+    if spec is None:
+        raise AssertionError(f"cannot load {path}: is it a .py file?")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, name):
+        raise AssertionError(f"{path} defines no function {name!r}")
+    return getattr(module, name)
+
+
+def rank_check_all_reduce(path: str, name: str) -> str | None:
+    """Runs in each rank: the learner's function against ``dist.all_reduce``.
+
+    While it runs, ``dist.all_reduce`` raises and the reduce-scatter / all-gather
+    functions are counted, so an answer must build all-reduce from those two.
+    Returns None if every case matches, else what went wrong on this rank.
+    """
+    rank = dist.get_rank()
+    real_all_reduce = dist.all_reduce
+    calls = {"rs": 0, "ag": 0}
+    saved = {}
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("use reduce-scatter and all-gather, not dist.all_reduce")
+
+    def counted(kind, fn):
+        def wrapper(*args, **kwargs):
+            calls[kind] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for attr in (*_RS, *_AG):
+        saved[attr] = getattr(dist, attr)
+        setattr(dist, attr, counted("rs" if attr in _RS else "ag", saved[attr]))
+    saved["all_reduce"] = real_all_reduce
+    dist.all_reduce = forbidden
+    try:
+        fn = _load(path, name)
+        for shape in _SHAPES:
+            g = torch.Generator().manual_seed(1 + rank)
+            x = torch.randint(-50, 50, shape, generator=g).float()
+            expected = x.clone()
+            real_all_reduce(expected)
+            fn(x)
+            if not torch.equal(x, expected):
+                return (
+                    f"shape {tuple(shape)}: rank {rank} holds {x.flatten().tolist()} "
+                    f"after your function, dist.all_reduce gives "
+                    f"{expected.flatten().tolist()}"
+                )
+        if not calls["rs"] or not calls["ag"]:
+            return (
+                f"rank {rank} made {calls['rs']} reduce-scatter and {calls['ag']} "
+                "all-gather calls: build the all-reduce from both"
+            )
+    except AssertionError as err:
+        return f"rank {rank}: {err}"
+    except Exception:
+        return f"rank {rank} raised:\n{traceback.format_exc()}"
+    finally:
+        for attr, fn in saved.items():
+            setattr(dist, attr, fn)
+    return None
+
+
+def check_all_reduce(path, name: str = "all_reduce", world_size: int = 4) -> None:
+    """Run the function ``name`` of the file ``path`` in ``world_size`` gloo ranks on
+    tensors of several shapes (one not divisible by ``world_size``); it must sum
+    its argument over the ranks in place, as ``dist.all_reduce`` does."""
+    from utils.launch import launch
+
+    path = Path(path)
+    if not path.is_file():
+        raise AssertionError(f"no file {path}: run the %%writefile cell first")
+    problems = launch(
+        rank_check_all_reduce,
+        str(path),
+        name,
+        world_size=world_size,
+        backend="gloo",
+        timeout=30.0,
+    )
+    wrong = [p for p in problems if p]
+    if wrong:
+        raise AssertionError("\n".join(wrong))
+    shapes = ", ".join(str(s) for s in _SHAPES)
+    print(f"correct: {name} equals dist.all_reduce on {world_size} ranks ({shapes})")
