@@ -271,3 +271,14 @@ def test_memory_widgets_wire_phase_kind_and_rank():
     t = memory_timeline(reports())
     assert t.controls["rank"].value == 0
     assert t.controls["kind"].value == "current"
+
+
+def test_memory_widgets_prerender_only_when_asked_or_few():
+    many = reports()
+    for r in many:
+        r.memory += [entry("fwd", s, params=1) for s in range(12)]  # 15 phases
+    assert isinstance(memory_per_rank(many).figure, widgets.Output)
+    assert isinstance(memory_per_rank(many, prerender=True).figure, widgets.Stack)
+    assert isinstance(
+        memory_timeline(reports(), prerender=False).figure, widgets.Output
+    )

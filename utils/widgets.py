@@ -49,7 +49,11 @@ from utils.plots import (  # noqa: F401  (re-exported: the widgets' public API)
 )
 
 PRERENDER_LIMIT = 64
-"""The most figures ``prerender=True`` draws for one widget (each adds ~50 KiB)."""
+"""The most figures ``prerender=True`` draws for one widget (each adds 30-60 KiB
+to the page)."""
+
+AUTO_PRERENDER = 24
+"""The memory widgets prerender by default up to this many figures."""
 
 
 def figure_output(fig: Figure, dpi: int = FIGURE_DPI) -> dict:
@@ -202,25 +206,33 @@ def _prerendered(
     return level(list(controls.items()), {})
 
 
-def memory_per_rank(reports: Sequence[Any], predicted: Any = None) -> InteractiveFigure:
+def memory_per_rank(
+    reports: Sequence[Any], predicted: Any = None, prerender: bool | None = None
+) -> InteractiveFigure:
     """Per-rank memory by category at a chosen phase, current or peak, beside the
-    analytic prediction; switchable in the static book when phases are few."""
+    analytic prediction (see :func:`utils.plots.predicted_per_rank`).
+
+    ``prerender`` (default: when that is at most :data:`AUTO_PRERENDER` figures)
+    draws every phase x kind now, so the controls also work in the static book.
+    """
     names = phases(reports)
-    prerender = 2 * len(names) <= PRERENDER_LIMIT // 2
 
     def draw(phase: str, kind: str) -> Figure:
         return plot_memory_per_rank(reports, phase, kind, predicted)
 
     return interactive_figure(
         draw,
-        prerender=prerender,
+        prerender=_auto(prerender, len(names) * len(KINDS)),
         phase=widgets.Dropdown(options=names, value=names[-1], description="phase"),
         kind=widgets.ToggleButtons(options=list(KINDS), description="memory"),
     )
 
 
-def memory_timeline(reports: Sequence[Any]) -> InteractiveFigure:
-    """Each rank's memory over the run, and one rank's by category."""
+def memory_timeline(
+    reports: Sequence[Any], prerender: bool | None = None
+) -> InteractiveFigure:
+    """Each rank's memory over the run, and one chosen rank's by category, current
+    or peak; ``prerender`` as in :func:`memory_per_rank`."""
     ranks = [(f"rank {r}", r) for r in sorted(timeline_series(reports))]
 
     def draw(kind: str, rank: int) -> Figure:
@@ -228,7 +240,11 @@ def memory_timeline(reports: Sequence[Any]) -> InteractiveFigure:
 
     return interactive_figure(
         draw,
-        prerender=2 * len(ranks) <= PRERENDER_LIMIT // 2,
+        prerender=_auto(prerender, len(ranks) * len(KINDS)),
         kind=widgets.ToggleButtons(options=list(KINDS), description="memory"),
         rank=widgets.Dropdown(options=ranks, description="rank"),
     )
+
+
+def _auto(prerender: bool | None, figures: int) -> bool:
+    return figures <= AUTO_PRERENDER if prerender is None else prerender
