@@ -18,6 +18,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -71,9 +72,29 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def rank_main(fn, args, rank, world_size, backend, port, timeout, conn, out, err):
+def _exit_with_job(job) -> None:
+    """Exit as soon as the caller closes the job pipe (or dies, which closes it).
+
+    Covers what PR_SET_PDEATHSIG cannot: the caller ending the job while the fork
+    server lives on, even for a rank whose start was interrupted half-way (the
+    caller never learnt its pid, so could not kill it).
+    """
+
+    def watch():
+        try:
+            job.recv_bytes()
+        except (EOFError, OSError):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="launch-job-watch", daemon=True).start()
+
+
+def rank_main(fn, args, rank, world_size, backend, port, timeout, pipes):
     """Entry point of one rank (runs in a process forked by the fork server)."""
+    conn, out, err, job = pipes
     _die_with_parent()
+    _exit_with_job(job)
     for stream, pipe, fd in ((sys.stdout, out, 1), (sys.stderr, err, 2)):
         stream.flush()
         os.dup2(pipe.fileno(), fd)  # the caller forwards it (a notebook sees it)
@@ -241,12 +262,21 @@ def drain(outputs) -> None:
                 break
 
 
-def stop(procs, wait_s: float = 1.0) -> list[int]:
-    """Terminate, then kill, every rank still alive; returns the ranks stopped."""
+def stop(procs, job, grace: float = 0.0) -> list[int]:
+    """End the job; returns the ranks that had to be stopped.
+
+    Waits up to ``grace`` seconds for ranks to exit on their own (after a success
+    they are only tearing down), closes the job pipe (each rank's watcher exits),
+    then terminates and finally kills whatever is left.
+    """
+    end = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
     alive = [r for r, p in enumerate(procs) if p.is_alive()]
+    job.close()
     for r in alive:
         procs[r].terminate()
-    end = time.monotonic() + wait_s
+    end = time.monotonic() + 1.0
     for r in alive:
         procs[r].join(max(0.0, end - time.monotonic()))
     for r in alive:

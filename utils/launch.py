@@ -253,16 +253,18 @@ def launch(fn, *args, world_size: int, backend: str = "auto", timeout: float = 6
         wait_for_workers=False,
         timeout=timedelta(seconds=timeout),
     )
-    out_r, out_w = ctx.Pipe(duplex=False)
-    err_r, err_w = ctx.Pipe(duplex=False)
-    procs, conns = [], []
+    out_r, out_w = ctx.Pipe(duplex=False)  # the ranks' stdout, forwarded
+    err_r, err_w = ctx.Pipe(duplex=False)  # and stderr
+    job_r, job_w = ctx.Pipe(duplex=False)  # ranks exit when we close job_w
+    outputs = [(out_r, sys.stdout), (err_r, sys.stderr)]
+    procs, conns, outcome = [], [], None
     try:
         for rank in range(world_size):
             recv, send = ctx.Pipe(duplex=False)
             p = ctx.Process(
                 target=_procs.rank_main,
                 args=(fn, args, rank, world_size, chosen, store.port, timeout)
-                + (send, out_w, err_w),
+                + ((send, out_w, err_w, job_r),),
                 name=f"rank{rank}",
                 daemon=True,
             )
@@ -270,19 +272,16 @@ def launch(fn, *args, world_size: int, backend: str = "auto", timeout: float = 6
             send.close()
             procs.append(p)
             conns.append(recv)
-        out_w.close()
-        err_w.close()
-        outputs = [(out_r, sys.stdout), (err_r, sys.stderr)]
+        for c in (out_w, err_w, job_r):
+            c.close()
         outcome = _procs.supervise(procs, conns, outputs, timeout)
-        stopped = _procs.stop(procs)
+    finally:  # also on KeyboardInterrupt (a notebook's interrupt button)
+        ok = outcome is not None and not (outcome.order or outcome.pending)
+        stopped = _procs.stop(procs, job_w, grace=1.0 if ok else 0.0)
         _procs.drain(outputs)
-    except BaseException:  # KeyboardInterrupt in a notebook included
-        _procs.stop(procs, wait_s=0.5)
-        raise
-    finally:
-        for c in [*conns, out_r, err_r, out_w, err_w]:
+        for c in [*conns, out_r, err_r, out_w, err_w, job_r]:
             c.close()
         del store
-    if not outcome.order and not outcome.pending:
+    if ok:
         return [outcome.results[r] for r in range(world_size)]
     raise LaunchError(*_procs.blame(outcome, stopped, timeout, chosen))
