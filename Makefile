@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 # The ipywidgets HTML manager, bundled from the npm registry so the built book
 # renders widgets offline (no CDN); see utils/html_manager/README.md.
 widgets-js: $(WIDGETS_JS)
-$(WIDGETS_JS): utils/html_manager/package.json utils/html_manager/build.sh
+$(WIDGETS_JS): $(wildcard utils/html_manager/*.json utils/html_manager/*.sh utils/html_manager/*.js)
 	bash utils/html_manager/build.sh
 
 # Execute every chapter (labs on CPU/gloo unless enough GPUs) and write
