@@ -16,8 +16,8 @@ Run it::
     python -m labs.foundations --world-size 4 --part collectives
     python -m labs.foundations --world-size 2 --part busbw --max-bytes 16777216
     torchrun --nproc-per-node 4 -m labs.foundations --part busbw
-    torchrun --nnodes 2 --nproc-per-node 8 --node-rank 0 --rdzv-backend c10d \\
-        --rdzv-endpoint HOST:29500 -m labs.foundations --part busbw
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-id lab0 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST:29500 -m labs.foundations --part busbw   # on each node
 
 (and ``sbatch labs/slurm/lab.sbatch labs.foundations --part busbw`` on Slurm).
 """

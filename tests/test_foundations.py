@@ -6,7 +6,6 @@ ranks' inputs, the anatomy against the analytic model and a single-process run.
 """
 
 import dataclasses
-import math
 import subprocess
 import textwrap
 
@@ -198,6 +197,7 @@ def test_fits_table_compares_need_with_vendor_memory():
     for row in rows:
         assert row["need_bytes"] == 16 * 7_000_000_000
         assert row["fits"] == (row["need_bytes"] <= row["memory_bytes"])
+        assert row["fits"] == (row["devices_needed"] == 1)
     assert {r["name"] for r in rows if r["fits"]} == {"H200", "MI300X"}  # 112 GB
     assert all(a.source.startswith("https://") for a in fig.ACCELERATORS)
 
@@ -229,9 +229,12 @@ def test_value_origins_names_single_sources_and_sums():
     assert fig.value_origins(grid) == [[0, 1], [None, None]]
 
 
-def test_draw_fits_returns_a_figure():
+def test_draw_fits_and_its_widget():
     assert fig.draw_fits(70, "mixed-16", 8).axes
-    assert not math.isnan(fig.GB)
+    widget = fig.fits_widget(billions=13)
+    assert widget.values() == {"billions": 13, "convention": "mixed-16", "devices": 1}
+    widget.controls["devices"].value = 4  # redraws without raising
+    assert widget.figure.outputs[0]["output_type"] == "display_data"
 
 
 # -------------------------------------------------------------- exercises

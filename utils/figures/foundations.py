@@ -109,8 +109,10 @@ def fits_table(
 ) -> list[dict[str, Any]]:
     """One row per accelerator: its memory, the need per device, whether it fits.
 
-    Rows: {"name", "memory_bytes", "need_bytes", "fits", "fraction", "source"},
-    ``fraction`` = need / memory (above 1: it does not fit).
+    Rows: {"name", "memory_bytes", "need_bytes", "fits", "fraction",
+    "devices_needed", "source"}: ``fraction`` = need / memory (above 1: it does not
+    fit); ``devices_needed`` = the fewest such devices that hold the states split
+    evenly (:func:`min_devices`).
     """
     need = sum(state_bytes_per_device(num_params, convention, devices).values())
     return [
@@ -120,6 +122,7 @@ def fits_table(
             "need_bytes": need,
             "fits": need <= acc.memory_bytes,
             "fraction": need / acc.memory_bytes,
+            "devices_needed": min_devices(num_params, acc.memory_bytes, convention),
             "source": acc.source,
         }
         for acc in ACCELERATORS
@@ -129,7 +132,7 @@ def fits_table(
 def min_devices(
     num_params: int, memory_bytes: int, convention: str = "mixed-16"
 ) -> int:
-    """Fewest devices of ``memory_bytes`` each whose split model state fits."""
+    """Fewest devices of ``memory_bytes`` each whose evenly split model state fits."""
     total = sum(state_bytes_per_device(num_params, convention, 1).values())
     n = max(1, math.ceil(total / memory_bytes))
     while (
@@ -142,31 +145,40 @@ def min_devices(
 def draw_fits(
     billions: float = 7.0, convention: str = "mixed-16", devices: int = 1
 ) -> Figure:
-    """Bars: each accelerator's memory (GB) against the model state per device."""
+    """Bars: each accelerator's memory (GB) against the model state per device;
+    beside each, how full it would be or how many such devices the state needs."""
     num_params = round(billions * 1e9)
     split = state_bytes_per_device(num_params, convention, devices)
     rows = fits_table(num_params, convention, devices)
     need_gb = sum(split.values()) / GB
     fig = InlineFigure(figsize=(7.5, 3.8), layout="constrained")
     ax = fig.add_subplot()
-    names = [r["name"] for r in rows]
     ys = np.arange(len(rows))
     colors = ["#55a868" if r["fits"] else "#c44e52" for r in rows]
-    ax.barh(ys, [r["memory_bytes"] / GB for r in rows], color=colors, alpha=0.35)
+    capacities = [r["memory_bytes"] / GB for r in rows]
+    ax.barh(ys, capacities, color=colors, alpha=0.35)
     left = 0.0
     for cat, value in split.items():
         if value:
             ax.barh(len(rows), value / GB, left=left, color=CATEGORY_COLORS[cat])
             left += value / GB
     ax.axvline(need_gb, color="black", linestyle="--", linewidth=1)
-    ax.set_yticks([*ys, len(rows)], [*names, "needed per device"])
-    ax.set_xscale("log")
-    ax.set_xlabel("GB (10^9 bytes); log scale")
+    xmax = 1.35 * max(need_gb, *capacities)
+    for y, row, cap in zip(ys, rows, capacities):
+        note = (
+            f"{row['fraction']:.0%} full"
+            if row["fits"]
+            else f"needs {row['devices_needed']:,} devices"
+        )
+        ax.text(cap + 0.01 * xmax, y, note, va="center", fontsize=7)
+    ax.set_xlim(0, xmax)
+    ax.set_yticks([*ys, len(rows)], [*[r["name"] for r in rows], "needed per device"])
+    ax.set_xlabel("GB (10^9 bytes)")
     fitting = [r["name"] for r in rows if r["fits"]] or ["none"]
     per = f" on each of {devices} devices" if devices > 1 else ""
     ax.set_title(
         f"{billions:g}B parameters, {FIT_CONVENTIONS[convention].label}: "
-        f"{need_gb:,.1f} GB{per}\nfits (model state only): {', '.join(fitting)}",
+        f"{need_gb:,.1f} GB{per}\nfits (model states only): {', '.join(fitting)}",
         fontsize=9,
     )
     handles = [Patch(color=CATEGORY_COLORS[c], label=c) for c, v in split.items() if v]
@@ -175,7 +187,7 @@ def draw_fits(
         Patch(color="#c44e52", alpha=0.35, label="does not fit"),
     ]
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    ax.grid(axis="x", alpha=0.3, which="both")
+    ax.grid(axis="x", alpha=0.3)
     return fig
 
 
@@ -342,7 +354,7 @@ def draw_collectives(reports, ops: Sequence[str] | None = None) -> Figure:
         _draw_grid(ax_after, grid["after"], after_colors, f"{op}: after")
     fig.legend(
         handles=[
-            Patch(color=_SUM_COLOR, alpha=0.75, label="sum over ranks"),
+            Patch(color=_SUM_COLOR, label="sum over ranks"),
             Patch(color=_UNDEFINED, label="undefined (not the root)"),
         ],
         loc="outside lower center",
