@@ -88,6 +88,15 @@ def unpicklable_result():
     return threading.Lock()
 
 
+def result_only_the_rank_can_unpickle():
+    """Returns an instance of a class that exists only inside the rank."""
+    import sys
+
+    cls = type("OnlyInTheRank", (), {"__module__": __name__})
+    sys.modules[__name__].OnlyInTheRank = cls
+    return cls()
+
+
 def user_timeout_error(bad_rank):
     """Rank ``bad_rank`` raises an error that merely *mentions* a timeout."""
     if dist.get_rank() == bad_rank:

@@ -9,6 +9,7 @@ import functools
 import multiprocessing.forkserver as forkserver
 import multiprocessing.resource_tracker as resource_tracker
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -97,6 +98,7 @@ def test_raising_rank_is_named_with_its_traceback():
     assert text.startswith("rank 1 raised")
     assert "ValueError: boom from rank 1" in text
     assert "in raise_on" in text and "Traceback (most recent call last)" in text
+    assert wait_no_rank_processes(seconds=1.0) == []  # the others were stopped
 
 
 def test_hanging_rank_is_named_after_the_timeout():
@@ -145,6 +147,14 @@ def test_unpicklable_result_is_reported_by_its_rank():
     with pytest.raises(LaunchError) as info:
         launch(w.unpicklable_result, world_size=2)
     assert info.value.kind == "raised" and "pickle" in str(info.value)
+
+
+def test_result_the_caller_cannot_unpickle_is_reported():
+    with pytest.raises(LaunchError) as info:
+        launch(w.result_only_the_rank_can_unpickle, world_size=2)
+    assert info.value.kind == "raised"
+    assert re.search(r"could not unpickle rank [01]'s result", str(info.value))
+    assert "OnlyInTheRank" in str(info.value)
 
 
 def test_ranks_die_when_the_caller_is_killed():

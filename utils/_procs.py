@@ -227,6 +227,9 @@ def supervise(procs, conns, outputs, timeout: float) -> Outcome:
                     msg = conns[r].recv()
                 except (EOFError, OSError):
                     msg = None
+                except Exception:  # the result pickled there but not here
+                    why = f"the caller could not unpickle rank {r}'s result:\n"
+                    msg = ("raised", why + traceback.format_exc(), None)
             if msg is None and what == "conn":
                 del by_obj[obj]  # EOF: the sentinel will tell us how it died
                 continue
@@ -316,7 +319,8 @@ def blame(o: Outcome, stopped, timeout: float, backend: str):
         return o.raised[r][0]
 
     own = [r for r in o.order if not witness(r)]
-    note = f"\n(stopped the other ranks: {stopped})" if stopped else ""
+    running = [r for r in stopped if r in o.pending]  # never reported, stopped
+    note = f"\n(ranks still running, stopped: {running})" if running else ""
     if own and own[0] in o.died:
         r, how = own[0], signal_name(o.died[own[0]])
         if how.startswith("SIG"):

@@ -19,8 +19,11 @@ gloo on CPU processes; it prints one line saying which and why. Inside a rank us
 
 ``fn`` must be importable by module path (defined at the top level of a module such
 as ``labs/`` or a ``.py`` file next to the notebook): the children find it by name.
-A lambda, a nested function or one defined in a notebook cell is refused with a
-``TypeError`` before any process starts.
+A lambda, a nested function or one defined in a notebook cell or in a script run as
+``python file.py`` is refused with a ``TypeError`` before any process starts. A
+module run as ``python -m labs.zero`` may launch its own functions: the ranks import
+it by that name. What the ranks print is forwarded to the caller's stdout/stderr,
+so it shows up in the notebook cell.
 
 Under ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR set) ``launch`` starts
 nothing: it joins the world that exists (initialising the default group from the
