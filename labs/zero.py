@@ -1,0 +1,379 @@
+"""Lab 2, ZeRO: optimizer states, gradients and parameters sharded over the ranks.
+
+Chapter 2 ("ZeRO"). Every rank trains the course's small GPT (tied embeddings) with
+AdamW on its 1/world_size of a fixed global batch, at ZeRO stage 0 (plain data
+parallelism), 1, 2 or 3 (Rajbhandari et al., "ZeRO: Memory Optimizations Toward
+Training Trillion Parameter Models", SC 2020), in fp32 or in mixed precision, with
+the course's from-scratch pieces or torch's own, and reports losses, memory by
+category after every phase, bytes sent per step and step times::
+
+    python -m labs.zero --world-size 4 --stage 3
+    python -m labs.zero --world-size 4 --stage 2 --precision mixed
+    python -m labs.zero --world-size 2 --stage 1 --impl torch
+    torchrun --nproc-per-node 4 -m labs.zero --stage 3 --impl torch
+
+scratch: ``utils.zero`` (ReplicatedOptimizer, ShardedOptimizer, ShardedGradOptimizer)
+and ``utils.zero3.FullyShardedModule``. torch: DistributedDataParallel (stage 0),
+ZeroRedundancyOptimizer over DDP (1), ``fully_shard(reshard_after_forward=False)``
+(2) and ``fully_shard`` (3, FSDP2). Mixed precision is the paper's: bf16 parameters
+and gradients, an fp32 master copy, momentum and variance (2 + 2 + 12 bytes per
+parameter); torch's stages 2 and 3 get it from FSDP2's MixedPrecisionPolicy (fp32
+sharded parameters, bf16 compute and reduction), torch's stages 0 and 1 from
+``torch.autocast`` (fp32 parameters and gradients, bf16 matmuls), because DDP's own
+mixed precision (the private ``_MixedPrecision``) records CUDA events and fails on
+CPU ("cpu backend doesn't support events").
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+
+from utils.cli import BACKENDS, config_from_args, finish, lab_parser, progress
+from utils.comm import CommMeter
+from utils.launch import launch, rank_device, synchronize
+from utils.memory import MemoryTracker, model_state_bytes
+from utils.models import GPT, GPTConfig, count_params, gpt_batch, shard_batch
+from utils.report import RankReport
+from utils.zero import ReplicatedOptimizer, ShardedGradOptimizer, ShardedOptimizer
+from utils.zero3 import FullyShardedModule, default_units
+from utils.zero_torch import CollectiveCounter, full_state
+
+STAGES = (0, 1, 2, 3)
+PRECISIONS = ("fp32", "mixed")
+IMPLS = ("scratch", "torch")
+TORCH_STAGES = {
+    0: "DistributedDataParallel",
+    1: "ZeroRedundancyOptimizer + DistributedDataParallel",
+    2: "fully_shard(reshard_after_forward=False)",
+    3: "fully_shard",
+}
+"""torch's implementation of each stage (torch 2.13; all four run on gloo/CPU)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """One ZeRO training run."""
+
+    world_size: int = 2
+    """Ranks in the data-parallel group over which states are sharded (N_d)."""
+    backend: str = "auto"
+    """auto: NCCL with one GPU per rank if there are enough GPUs, else gloo on CPU."""
+    steps: int = 3
+    """Optimizer steps; timings take the median of all but the first."""
+    seed: int = 0
+    """Seed of the weights and of the synthetic batches."""
+    stage: int = 3
+    """ZeRO stage: 0 replicate all, 1 shard optimizer states, 2 + grads, 3 + params."""
+    precision: str = "fp32"
+    """fp32 (4 + 4 + 8 B/param) or mixed (bf16 + fp32 master: 2 + 2 + 12)."""
+    impl: str = "scratch"
+    """scratch: utils.zero / utils.zero3; torch: DDP, ZeroRedundancyOptimizer, FSDP2."""
+    d_model: int = 64
+    """GPT hidden size (GPTConfig.d_model)."""
+    n_layers: int = 4
+    """GPT blocks: stage 3 gathers one at a time."""
+    batch_size: int = 8
+    """Global batch (sequences) per step, split evenly over the ranks."""
+    lr: float = 1e-3
+    """AdamW's learning rate (small, so bf16 rounding stays visible but bounded)."""
+    bucket_numel: int = 0
+    """Scratch stage 2: most elements per gradient bucket; 0 means one block's worth."""
+    track_memory: bool = True
+    """Record the memory timeline (a dispatch mode; the benchmark turns it off)."""
+    return_params: bool = False
+    """Send the final full parameters back in ``extra["params"]`` (tests compare)."""
+
+    def __post_init__(self):
+        for name in ("world_size", "steps", "d_model", "n_layers", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if isinstance(self.stage, bool) or self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {PRECISIONS}, got {self.precision!r}"
+            )
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.d_model % 4:
+            raise ValueError(f"d_model must be a multiple of 4 heads: {self.d_model}")
+        if self.batch_size % self.world_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} must divide evenly over "
+                f"world_size={self.world_size} ranks"
+            )
+        if isinstance(self.bucket_numel, bool) or not (
+            isinstance(self.bucket_numel, int) and self.bucket_numel >= 0
+        ):
+            raise ValueError(f"bucket_numel must be an int >= 0: {self.bucket_numel!r}")
+        if self.bucket_numel and (self.impl, self.stage) != ("scratch", 2):
+            raise ValueError("bucket_numel applies to impl='scratch', stage=2 only")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+
+    def gpt(self) -> GPTConfig:
+        return GPTConfig(d_model=self.d_model, n_layers=self.n_layers, n_heads=4)
+
+
+TINY = Config(steps=3, d_model=32, n_layers=2, batch_size=8)
+"""What tests and CI run: 28,032 parameters, a second or two per configuration."""
+
+
+def build_model(cfg: Config, device) -> GPT:
+    """The GPT; in mixed precision its weights are rounded to bf16 first, so every
+    implementation (bf16 params + fp32 master, or fp32 shards cast to bf16) starts
+    from the same point."""
+    model = GPT(cfg.gpt(), seed=cfg.seed).to(device)
+    if cfg.precision == "mixed":
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(torch.bfloat16))
+    return model
+
+
+# [apply-scratch-start]
+OPTIMIZERS = {0: ReplicatedOptimizer, 1: ShardedOptimizer, 2: ShardedGradOptimizer}
+
+
+def apply_scratch(model, cfg: Config, meter, track=None, on_event=None):
+    """The course's ZeRO: (model, optimizer) for ``cfg.stage``."""
+    mixed = cfg.precision == "mixed"
+    if cfg.stage == 3:
+        compute = torch.bfloat16 if mixed else None  # 2-byte shards, gathers, grads
+        model = FullyShardedModule(
+            model, compute, meter=meter, track=track, on_event=on_event
+        )
+        return model, model.optimizer(torch.optim.AdamW, lr=cfg.lr)
+    if mixed:
+        model = model.to(torch.bfloat16)  # 2-byte params and grads
+    kw = {}
+    if cfg.stage == 2:  # reduce-scatter about one block's gradients at a time
+        block = max(
+            sum(p.numel() for p in u.parameters()) for u in default_units(model)
+        )
+        kw["bucket_numel"] = cfg.bucket_numel or block
+    opt = OPTIMIZERS[cfg.stage](
+        model.parameters(),
+        torch.optim.AdamW,
+        lr=cfg.lr,
+        master_dtype=torch.float32 if mixed else None,  # fp32 master: optimizer state
+        meter=meter,
+        track=track,
+        **kw,
+    )
+    return model, opt
+
+
+# [apply-scratch-end]
+
+
+# [apply-torch-start]
+def apply_torch(model, cfg: Config):
+    """torch's own implementation of ``cfg.stage``: (model, optimizer)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    if cfg.stage < 2:
+        ddp = DistributedDataParallel(
+            model, device_ids=None if device.index is None else [device.index]
+        )
+        if cfg.stage == 0:
+            return ddp, torch.optim.AdamW(ddp.parameters(), lr=cfg.lr)
+        opt = ZeroRedundancyOptimizer(
+            ddp.parameters(), optimizer_class=torch.optim.AdamW, lr=cfg.lr
+        )
+        return ddp, opt
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy()
+    if cfg.precision == "mixed":
+        mp = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16
+        )
+    for unit in [*default_units(model), model]:  # the same units as the scratch one
+        fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.stage == 3)
+    return model, torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+
+
+# [apply-torch-end]
+
+
+class _Phases:
+    """Times each phase of a step (compute only) and marks the memory after it."""
+
+    def __init__(self, device, mem: MemoryTracker | None):
+        self.device, self.mem, self.step, self.seconds = device, mem, None, {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        synchronize(self.device)
+        self.seconds[phase] = time.perf_counter() - start
+        if self.mem is not None:
+            self.mem.mark(phase, step=self.step)
+
+
+def worker(cfg: Config) -> RankReport:
+    """Runs in every rank: build, apply ZeRO, train ``cfg.steps`` steps, report."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    if n != cfg.world_size:
+        cfg = replace(cfg, world_size=n)  # torchrun decides the world size
+    device = rank_device()
+    mem = MemoryTracker(device) if cfg.track_memory else None
+    meter, events, clock = CommMeter(), [], _Phases(device, mem)
+
+    def on_event(event, unit, phase):  # stage 3's gathers and frees, with memory
+        if mem is not None and clock.step is not None:
+            now = mem.current()
+            events.append(
+                dict(event=event, unit=unit, phase=phase, step=clock.step, current=now)
+            )
+
+    model = build_model(cfg, device)
+    num_params = count_params(model)
+    counter = nullcontext
+    if cfg.impl == "scratch":
+        model, opt = apply_scratch(model, cfg, meter, mem and mem.assign, on_event)
+    else:
+        model, opt = apply_torch(model, cfg)
+        counter = partial(CollectiveCounter, meter)
+    amp = cfg.impl == "torch" and cfg.stage < 2 and cfg.precision == "mixed"
+    autocast = partial(torch.autocast, device.type, torch.bfloat16, enabled=amp)
+    if mem is not None:
+        mem.watch(model, opt)
+    losses, sent, times = [], [], []
+    with mem if mem is not None else nullcontext():
+        if mem is not None:
+            mem.mark("init")
+        for step in progress(range(cfg.steps), rank=rank, total=cfg.steps):
+            x, y = gpt_batch(cfg.gpt(), cfg.batch_size, seed=cfg.seed, step=step)
+            x, y = shard_batch((x.to(device), y.to(device)), rank, n)
+            opt.zero_grad()  # here, not after the step: "after the step" has grads
+            meter.reset()
+            dist.barrier()
+            clock.step = step
+            with counter():
+                with clock("forward"), autocast():
+                    logits = model(x)
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                with clock("backward"):
+                    loss.backward()
+                with clock("step"):
+                    opt.step()
+            clock.step = None
+            s = clock.seconds
+            times.append(
+                dict(
+                    forward=s["forward"],
+                    backward=s["backward"],
+                    optimizer=s["step"],
+                    step=sum(s.values()),
+                )
+            )
+            sent.append(meter.total)
+            losses.append(loss.detach().double())
+            del logits, loss
+    global_losses = torch.stack(losses).cpu()
+    dist.all_reduce(global_losses)  # the global-batch loss: mean of equal shares
+    params = None
+    if cfg.return_params:
+        params = {
+            k: v.float().cpu().reshape(-1).tolist()
+            for k, v in full_state(model).items()
+        }
+    later = times[1:] or times
+    sharded = model if cfg.stage == 3 else opt
+    return RankReport(
+        rank=rank,
+        world_size=n,
+        backend=dist.get_backend(),
+        device=str(device),
+        num_params=num_params,
+        losses=(global_losses / n).tolist(),
+        memory=mem.timeline() if mem is not None else [],
+        comm_bytes=sent[-1],
+        timings={k: statistics.median(t[k] for t in later) for k in later[0]},
+        extra={
+            "config": asdict(cfg),
+            "implementation": TORCH_STAGES[cfg.stage]
+            if cfg.impl == "torch"
+            else type(sharded).__name__,
+            "predicted": model_state_bytes(
+                num_params,
+                world_size=n,
+                zero_stage=cfg.stage,
+                mixed_precision=cfg.precision == "mixed",
+            ).as_dict(),
+            "padding_bytes": getattr(sharded, "padding_bytes", 0),
+            "unit_bytes": model.unit_bytes() if hasattr(model, "unit_bytes") else {},
+            "bytes_per_element": 2 if cfg.precision == "mixed" and not amp else 4,
+            "comm_bytes_per_step": sent,
+            "comm_by_op": dict(meter.by_op),
+            "events": events,
+            "params": params,
+        },
+    )
+
+
+def run(cfg: Config) -> list[RankReport]:
+    """Start ``cfg.world_size`` ranks (or join torchrun's) and collect reports."""
+    return launch(worker, cfg, world_size=cfg.world_size, backend=cfg.backend)
+
+
+def run_many(cfgs: list[Config]) -> list[list[RankReport]]:
+    """Several configurations (same world size) in one launch: rank reports each."""
+    sizes = {c.world_size for c in cfgs}
+    if len(sizes) != 1:
+        raise ValueError(f"run_many needs one world size, got {sorted(sizes)}")
+    per_rank = launch(
+        worker_many, cfgs, world_size=sizes.pop(), backend=cfgs[0].backend
+    )
+    return [list(reports) for reports in zip(*per_rank)]
+
+
+def worker_many(cfgs: list[Config]) -> list[RankReport]:
+    """:func:`worker` for each configuration in turn, inside one set of ranks."""
+    return [worker(c) for c in cfgs]
+
+
+def main(argv=None) -> None:
+    parser = lab_parser(__doc__, Config())
+    parser.add_argument(
+        "--stage",
+        type=int,
+        default=Config.stage,
+        help="0: data parallel, 1: + optimizer states sharded, "
+        "2: + gradients, 3: + parameters",
+    )
+    parser.add_argument(
+        "--precision", default=Config.precision, help=f"one of {PRECISIONS}"
+    )
+    parser.add_argument("--impl", default=Config.impl, help=f"one of {IMPLS}")
+    parser.add_argument("--d-model", type=int, default=Config.d_model)
+    parser.add_argument("--n-layers", type=int, default=Config.n_layers)
+    parser.add_argument("--batch-size", type=int, default=Config.batch_size)
+    parser.add_argument("--lr", type=float, default=Config.lr)
+    parser.add_argument("--bucket-numel", type=int, default=Config.bucket_numel)
+    parser.add_argument("--no-memory", dest="track_memory", action="store_false")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(Config, args)
+    reports = run(cfg)
+    finish(reports, args.json)
+
+
+if __name__ == "__main__":
+    main()

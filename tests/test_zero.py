@@ -1,0 +1,236 @@
+"""ZeRO (chapter 2): every stage against stage 0 and one process, memory against the
+paper's formulas, bytes against 2Psi / 3Psi, and the pieces on their own.
+
+All lab configurations of one world size run in a single launch (module fixtures),
+so the file costs two launches: world size 2 and 4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import labs.zero as lab
+from labs.zero import IMPLS, PRECISIONS, STAGES, TINY, Config
+from tests import _zero_workers
+from utils.comm import bytes_sent
+from utils.launch import launch
+from utils.memory import model_state_bytes
+from utils.zero_flat import FlatLayout
+
+CONFIGS = [
+    replace(TINY, stage=s, precision=p, impl=i, return_params=True)
+    for i in IMPLS
+    for p in PRECISIONS
+    for s in STAGES
+]
+STATE = ("params", "grads", "optimizer")
+
+
+def _run(world_size: int):
+    cfgs = [replace(c, world_size=world_size) for c in CONFIGS]
+    per_rank = launch(
+        _zero_workers.lab_and_pieces,
+        cfgs,
+        world_size=world_size,
+        backend="gloo",
+        timeout=120,
+    )
+    reports = {
+        (c.stage, c.precision, c.impl): [r[0][k] for r in per_rank]
+        for k, c in enumerate(cfgs)
+    }
+    return reports, per_rank[0][1]
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["N=2", "N=4"])
+def results(request):
+    return request.param, *_run(request.param)
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    return _zero_workers.reference(TINY)
+
+
+def _params(report) -> dict[str, torch.Tensor]:
+    return {k: torch.tensor(v) for k, v in report.extra["params"].items()}
+
+
+# ------------------------------------------------------------------ equivalence
+def _close(actual, expected, precision):
+    if precision == "fp32":  # tight: torch's float32 defaults
+        torch.testing.assert_close(actual, expected)
+    else:
+        # bf16 keeps 8 significant bits: one rounding step apart is 2**-7 relative;
+        # and a gradient rounded differently can flip the sign of an Adam update of
+        # a near-zero gradient, moving that weight by up to 2 lr per step.
+        atol = 2 * TINY.lr * TINY.steps
+        torch.testing.assert_close(
+            actual.bfloat16().float(),
+            expected.bfloat16().float(),
+            rtol=2**-7,
+            atol=atol,
+        )
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_every_stage_and_impl_matches_stage0(results, precision):
+    _, reports, _ = results
+    base = reports[(0, precision, "scratch")]
+    for (stage, prec, impl), ranks in reports.items():
+        if prec != precision:
+            continue
+        # every rank reports the same global loss and the same full parameters
+        for r in ranks:
+            assert r.losses == ranks[0].losses
+        loss_tol = dict(rtol=0, atol=1e-5 if precision == "fp32" else 2e-3)
+        torch.testing.assert_close(
+            torch.tensor(ranks[0].losses),
+            torch.tensor(base[0].losses),
+            **loss_tol,
+            msg=lambda m, s=stage, i=impl: f"stage {s} {i}: {m}",
+        )
+        got, want = _params(ranks[-1]), _params(base[0])
+        assert got.keys() == want.keys()
+        for k in want:
+            _close(got[k], want[k], precision)
+
+
+def test_fp32_matches_one_process(results, single_process):
+    _, reports, _ = results
+    ref_losses, ref_params = single_process
+    for (stage, prec, impl), ranks in reports.items():
+        if prec != "fp32":
+            continue
+        where = f"stage {stage} {impl}"
+        torch.testing.assert_close(
+            ranks[0].losses, ref_losses, rtol=0, atol=1e-5, msg=where
+        )
+        got = _params(ranks[0])
+        for k, v in ref_params.items():
+            torch.testing.assert_close(got[k], v.reshape(-1), msg=f"{where} {k}")
+
+
+# ------------------------------------------------------------------ memory, bytes
+def test_state_bytes_per_rank_match_the_formula(results):
+    n, reports, _ = results
+    for (stage, prec, impl), ranks in reports.items():
+        want = model_state_bytes(
+            ranks[0].num_params,
+            world_size=n,
+            zero_stage=stage,
+            mixed_precision=prec == "mixed",
+        ).as_dict()
+        if impl == "torch" and not (stage == 3 and prec == "fp32"):
+            continue  # torch keeps fp32 params (autocast, FSDP2): see the chapter
+        for r in ranks:
+            after = [m for m in r.memory if m["phase"] == "step"][-1]["current"]
+            for cat in STATE:
+                slack = 0.01 * want[cat] + r.extra["padding_bytes"]
+                assert abs(after[cat] - want[cat]) <= slack, (stage, prec, impl, cat)
+
+
+def test_fsdp2_mixed_states_total_16_bytes_over_n(results):
+    n, reports, _ = results
+    for r in reports[(3, "mixed", "torch")]:
+        after = [m for m in r.memory if m["phase"] == "step"][-1]["current"]
+        want = model_state_bytes(r.num_params, world_size=n, zero_stage=3).total
+        assert abs(sum(after[c] for c in STATE) - want) <= 0.01 * want
+        assert after["params"] == pytest.approx(
+            2 * r.extra["predicted"]["params"], rel=0.01
+        )  # fp32 shards
+
+
+def test_bytes_sent_per_step(results):
+    n, reports, _ = results
+    for (stage, prec, impl), ranks in reports.items():
+        if impl == "torch" and stage == 1:
+            continue  # DDP's all-reduce plus ZeroRedundancyOptimizer's broadcasts
+        r = ranks[0]
+        psi_bytes = r.num_params * r.extra["bytes_per_element"]
+        factor = 3 if stage == 3 else 2  # all-reduce = reduce-scatter + all-gather
+        want = factor * bytes_sent("reduce_scatter", psi_bytes, n)
+        for sent in r.extra["comm_bytes_per_step"]:
+            assert abs(sent - want) <= 0.01 * want, (stage, prec, impl)
+
+
+def test_stage3_holds_one_layer_at_a_time_in_forward(results):
+    n, reports, _ = results
+    for prec in PRECISIONS:
+        for r in reports[(3, prec, "scratch")]:
+            units = r.extra["unit_bytes"]
+            elem = r.extra["bytes_per_element"]
+            shards = sum(-(-b // elem // n) * elem for b in units.values())
+            forward = [
+                e["current"]["params"]
+                for e in r.extra["events"]
+                if e["phase"] == "forward"
+            ]
+            layer = max(b for name, b in units.items() if name != "root")
+            # the root unit holds the tied embedding/head: gathered for the whole
+            # forward, as FSDP's root is; one block on top of it at a time
+            assert max(forward) == shards + units["root"] + layer
+            assert max(forward) < shards + sum(units.values())
+            kinds = [
+                (e["event"], e["phase"]) for e in r.extra["events"] if e["step"] == 0
+            ]
+            assert kinds.count(("gather", "forward")) == len(units)
+            assert kinds.count(("gather", "backward")) == len(units)
+            assert kinds.count(("reduce-scatter", "backward")) == len(units)
+
+
+# ------------------------------------------------------------------ the pieces
+def test_pieces_handle_tied_frozen_groups_and_any_optimizer(results):
+    n, _, pieces = results
+    for key in ("sgd-stage1", "sgd-stage2", "adam-stage1", "adam-stage2"):
+        p = pieces[key]
+        assert p["loss"] < 1e-5 and p["param"] < 1e-5, (key, p)
+        assert p["tied"] and p["frozen_moved"] == 0
+        assert p["buckets"] >= 2
+    assert pieces["sgd-stage2"]["grads_left"] == 0  # full grads freed in backward
+    for key in ("stage3-root", "stage3-layers"):
+        p = pieces[key]
+        assert p["loss"] < 1e-5 and p["param"] < 1e-5, (key, p)
+        assert p["keys"]
+    assert pieces["stage3-root"]["units"] == [""]
+    # the tie between mlp.0 and head lifts that weight to the root unit
+    assert pieces["stage3-layers"]["units"] == ["", "mlp.0", "mlp.2", "mlp.4"]
+
+
+# ------------------------------------------------------------------ no processes
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"stage": 4}, "stage must be one of"),
+        ({"stage": True}, "stage must be one of"),
+        ({"precision": "fp16"}, "precision must be one of"),
+        ({"impl": "deepspeed"}, "impl must be one of"),
+        ({"batch_size": 7}, "divide evenly"),
+        ({"bucket_numel": 64, "stage": 1}, "stage=2 only"),
+        ({"world_size": 0}, "world_size must be"),
+    ],
+)
+def test_bad_config_raises_before_anything_starts(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        Config(**kwargs)
+
+
+def test_cli_error_comes_before_any_process(monkeypatch, capsys):
+    def no_launch(*args, **kwargs):
+        raise AssertionError("launch must not be called")
+
+    monkeypatch.setattr(lab, "launch", no_launch)
+    with pytest.raises(SystemExit) as err:
+        lab.main(["--stage", "5"])
+    assert "stage must be one of (0, 1, 2, 3), got 5" in str(err.value)
+
+
+def test_flat_layout_pads_to_equal_shards():
+    layout = FlatLayout((3, 6), 4)
+    assert (layout.numel, layout.padded, layout.shard_numel) == (9, 12, 3)
+    assert layout.padding == 3 and layout.spans() == [(0, 3), (3, 9)]
+    assert layout.shard(3) == (9, 12)
+    assert FlatLayout((8,), 4).padding == 0
