@@ -316,19 +316,15 @@ def _sizes(text: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> None:
     defaults = Config()
     parser = lab_parser(__doc__.splitlines()[0], defaults)
-    parser.add_argument("--part", choices=("all", *PARTS), default=defaults.part)
-    parser.add_argument(
-        "--sizes",
-        type=_sizes,
-        default=defaults.sizes,
-        help="MLP widths, e.g. 256,1024,256",
-    )
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--chunk", type=int, default=defaults.chunk)
-    parser.add_argument("--min-bytes", type=int, default=defaults.min_bytes)
-    parser.add_argument("--max-bytes", type=int, default=defaults.max_bytes)
-    parser.add_argument("--warmup", type=int, default=defaults.warmup)
-    parser.add_argument("--iters", type=int, default=defaults.iters)
+    add = parser.add_argument
+    add("--part", choices=("all", *PARTS), default=defaults.part, help="what to run")
+    add("--sizes", type=_sizes, default=defaults.sizes, help="MLP widths: 256,1024,256")
+    add("--batch-size", type=int, default=defaults.batch_size, help="global batch")
+    add("--chunk", type=int, default=defaults.chunk, help="collectives: chunk length")
+    add("--min-bytes", type=int, default=defaults.min_bytes, help="smallest message")
+    add("--max-bytes", type=int, default=defaults.max_bytes, help="largest message")
+    add("--warmup", type=int, default=defaults.warmup, help="untimed iterations")
+    add("--iters", type=int, default=defaults.iters, help="timed iterations (median)")
     args = parser.parse_args(argv)
     cfg = config_from_args(Config, args)
     reports = run(cfg)

@@ -25,7 +25,7 @@ from utils.memory_model import (
     mlp_activation_bytes,
     model_state_bytes,
 )
-from utils.plots import CATEGORY_COLORS, InlineFigure, format_bytes
+from utils.plots import CATEGORY_COLORS, InlineFigure
 
 GB = 10**9
 """Vendors and the ZeRO paper count memory capacity in GB = 10^9 bytes."""
@@ -289,7 +289,12 @@ def collective_grids(reports) -> dict[str, dict[str, Any]]:
 
 def value_origins(grid: dict[str, Any]) -> list[list[int | None]]:
     """For each value after the collective, the rank whose input held it, or None
-    when no single input did (a sum of several ranks' values)."""
+    when no single input did (a sum of several ranks' values).
+
+    Matching is by value, so it is unambiguous only when sums cannot equal an
+    input: true for the lab's inputs (rank r holds 10(r+1) + i) up to 9 ranks and
+    10 elements.
+    """
     owner: dict[float, int] = {}
     ambiguous = set()
     for rank, values in enumerate(grid["before"]):
@@ -472,7 +477,6 @@ __all__ = [
     "fit_alpha_beta",
     "fits_table",
     "fits_widget",
-    "format_bytes",
     "min_devices",
     "state_bytes_per_device",
     "value_origins",
