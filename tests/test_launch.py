@@ -376,6 +376,15 @@ def test_from_a_notebook_kernel():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")
+def test_one_nccl_rank_on_one_gpu(capsys):
+    assert launch(w.rank_info, world_size=1)[0][4] == "cuda:0"
+    assert "1 ranks on nccl (one GPU per rank)" in capsys.readouterr().out
+    # More ranks than GPUs: auto falls back to gloo on CPU processes.
+    assert launch(w.rank_info, world_size=GPUS + 1)[0][4] == "cpu"
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(GPUS < 2, reason="needs 2 CUDA GPUs")
 def test_nccl_ranks_get_one_gpu_each(capsys):
     results = launch(w.rank_info, world_size=2)

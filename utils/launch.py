@@ -5,9 +5,9 @@ Introduced in chapter 0 ("Why one device is not enough"); every lab runs through
 Usage::
 
     from utils.launch import launch
-    from labs.data_parallel import worker, Config
+    from labs.data_parallel import TINY, worker
 
-    reports = launch(worker, Config.tiny(), world_size=4)   # list, ordered by rank
+    reports = launch(worker, TINY, world_size=4)   # a list, ordered by rank
 
 ``launch(fn, *args, world_size, backend="auto", timeout=60.0)`` runs ``fn(*args)`` in
 ``world_size`` processes, each with the default process group initialised, and returns
@@ -32,21 +32,26 @@ result (``all_gather_object``), so the caller behaves the same::
 
     torchrun --nproc-per-node 8 -m labs.data_parallel
 
-Failures (``LaunchError``, attributes ``rank``, ``ranks``, ``kind``)
-    raised  a rank raised: the job ends within about a second, the message names the
-            rank and carries its full traceback; the other ranks are stopped.
+Failures (``LaunchError``: ``rank`` to blame first, ``ranks`` all of them, ``kind``)
+    raised  a rank raised: the job ends within about a second (the launcher listens
+            ``_procs.GRACE_S`` = 1 s more so every rank can report), the message
+            names the rank and carries its full traceback; the others are stopped.
     killed  a rank died without reporting (a signal such as SIGKILL, or os._exit):
-            named with the signal or exit code.
+            named with the signal name or exit code.
     hung    a rank never reported. ``timeout`` (seconds) plays two roles: it is the
             collective timeout given to ``init_process_group`` (a rank waiting for a
             peer that never arrives fails after it), and how long the launcher waits
             for stragglers after the first rank returned. Either way the ranks that
-            had not reported are named as hung; a waiting rank's timeout error is
-            shown as context, not blamed. A job in which no rank ever returns or
-            fails is not bounded (interrupt it).
+            had not reported are named as hung, after about ``timeout`` (+1 s); a
+            waiting rank's timeout error is shown as context, not blamed. If every
+            rank failed waiting (mismatched collectives), the waiters are named.
+            A job in which no rank ever returns or fails is not bounded: interrupt
+            it (KeyboardInterrupt / the notebook's stop button).
     Whatever happens, including a KeyboardInterrupt in the caller, no rank outlives
-    its job: the launcher terminates then kills them, and each rank asks Linux
-    (PR_SET_PDEATHSIG) to kill it if its parent dies.
+    its job: the launcher closes a pipe that each rank watches (it exits at EOF),
+    then terminates and kills what is left; and each rank asks Linux
+    (PR_SET_PDEATHSIG) to kill it if its parent, the fork server, dies, which
+    happens when the caller dies. ``shutdown()`` stops the fork server (at exit).
 
 Design: why not ``torch.multiprocessing.spawn`` or torch elastic's launcher? Both
 start fresh interpreters that import torch again, about 2.3 s of CPU per rank, which
