@@ -107,7 +107,7 @@ def reduce_scatter(
     """Sum ``input`` (n equal chunks) over ranks; rank r keeps chunk r in ``output``."""
     if meter is not None:
         meter.add("reduce_scatter", nbytes(input), _world(group))
-    return dist.reduce_scatter_tensor(
+    return dist.reduce_scatter_single(
         output, input, op=op, group=group, async_op=async_op
     )
 
@@ -118,7 +118,7 @@ def all_gather(
     """Concatenate every rank's ``input`` into ``output`` (n times larger)."""
     if meter is not None:
         meter.add("all_gather", nbytes(output), _world(group))
-    return dist.all_gather_into_tensor(output, input, group=group, async_op=async_op)
+    return dist.all_gather_single(output, input, group=group, async_op=async_op)
 
 
 def broadcast(tensor, src: int = 0, *, meter: CommMeter | None = None, group=None):
