@@ -189,6 +189,17 @@ def train_step(model, opt, micro_batches, cfg: Config, clock: _Clock) -> float:
 # [train-step-end]
 
 
+def my_share(cfg: Config, step: int, rank: int, n: int, device) -> list[tuple]:
+    """This rank's rows of the step's global batch, as ``accum_steps`` micro-batches.
+
+    Made before tracking starts and copied out of the global batch, as a
+    distributed data loader would deliver them: a rank holds only its own rows.
+    """
+    x, y = mlp_batch(cfg.sizes, cfg.batch_size, seed=cfg.seed, step=step)
+    x, y = (t.clone().to(device) for t in shard_batch((x, y), rank, n))
+    return list(zip(x.chunk(cfg.accum_steps), y.chunk(cfg.accum_steps)))
+
+
 def worker(cfg: Config) -> RankReport:
     """Runs in every rank: build, replicate, train ``cfg.steps`` steps, report."""
     rank, n = dist.get_rank(), dist.get_world_size()
@@ -201,11 +212,10 @@ def worker(cfg: Config) -> RankReport:
     mem = MemoryTracker(device).watch(model.module, opt) if cfg.track_memory else None
     clock = _Clock(device, mem)
     losses, sent, timeline = [], [], []
+    loader = [my_share(cfg, step, rank, n, device) for step in range(cfg.steps)]
     with mem if mem is not None else nullcontext():
         for step in progress(range(cfg.steps), rank=rank, total=cfg.steps):
-            x, y = mlp_batch(cfg.sizes, cfg.batch_size, seed=cfg.seed, step=step)
-            x, y = shard_batch((x.to(device), y.to(device)), rank, n)  # my share
-            micro = list(zip(x.chunk(cfg.accum_steps), y.chunk(cfg.accum_steps)))
+            micro = loader.pop(0)  # this step's micro-batches; freed after it
             clock.step, clock.events = step, []
             comm_events.clear()
             meter.reset()
@@ -290,34 +300,41 @@ def run(cfg: Config) -> list[RankReport]:
 
 
 # [busbw-start]
-def bandwidth_worker(sizes_bytes: list[int], iters: int = 5) -> list[dict]:
+def bandwidth_worker(
+    sizes_bytes: list[int], iters: int = 5, warmup: int = 3
+) -> list[dict]:
     """Time the ring and the built-in all-reduce on float32 buffers of each size.
 
-    One row per (size, impl): the median over ``iters`` of the slowest rank's time,
-    algbw = S / t and busbw = algbw * 2(n-1)/n (nccl-tests' definitions).
+    The two alternate, so a busy machine slows both alike. One row per (size,
+    impl): the median over ``iters`` of the slowest rank's time, algbw = S / t and
+    busbw = algbw * 2(n-1)/n (nccl-tests' definitions).
     """
     n, device = dist.get_world_size(), rank_device()
+    impls = {"builtin": dist.all_reduce, "ring": ring_all_reduce}
     rows = []
     for size in sizes_bytes:
-        buffer = torch.ones(max(1, size // 4), device=device)
-        for impl, op in (("builtin", dist.all_reduce), ("ring", ring_all_reduce)):
-            times = torch.zeros(iters + 1, dtype=torch.float64)
-            for i in range(iters + 1):  # the first one warms up
+        buffer = torch.zeros(max(1, size // 4), device=device)
+        times = torch.zeros(len(impls), iters, dtype=torch.float64)
+        for i in range(warmup + iters):  # the first calls set up connections
+            for j, op in enumerate(impls.values()):
                 dist.barrier()
                 start = time.perf_counter()
                 op(buffer)
                 synchronize(device)
-                times[i] = time.perf_counter() - start
-            dist.all_reduce(times, op=dist.ReduceOp.MAX)
-            t = statistics.median(times[1:].tolist())
+                if i >= warmup:
+                    times[j, i - warmup] = time.perf_counter() - start
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        for j, impl in enumerate(impls):
+            t = statistics.median(times[j].tolist())
             algbw = nbytes(buffer) / t
+            busbw = algbw * bus_factor("all_reduce", n)
             rows.append(
                 {
                     "impl": impl,
                     "bytes": nbytes(buffer),
                     "time_s": t,
                     "algbw": algbw,
-                    "busbw": algbw * bus_factor("all_reduce", n),
+                    "busbw": busbw,
                 }
             )
     return rows

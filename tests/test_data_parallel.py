@@ -18,6 +18,8 @@ from torch.testing import assert_close
 import labs.data_parallel as lab
 from tests import _dp_workers as W
 from utils.comm import bus_factor
+from utils.exercises import data_parallel as ex
+from utils.figures import data_parallel as figs
 from utils.launch import LaunchError, launch
 from utils.memory import model_state_bytes
 from utils.models import MLP, mlp_batch
@@ -142,23 +144,119 @@ def test_every_implementation_matches_one_process_on_the_full_batch(world_size):
         assert len(checksums) == 1, f"{variant}: replicas diverged {checksums}"
 
 
-def test_bucketed_overlaps_backward_and_naive_does_not():
+@pytest.fixture(scope="module")
+def naive_and_bucketed():
+    """TINY at world size 2, naive and bucketed, in one launch (memory tracked)."""
     cfg = replace(lab.TINY, world_size=2, backend="gloo", steps=2)
     cfgs = [replace(cfg, impl="naive"), replace(cfg, impl="bucketed")]
     naive, bucketed = zip(*launch(W.lab_runs, cfgs, world_size=2, backend="gloo"))
-    for r in naive:
+    return {"naive": list(naive), "bucketed": list(bucketed)}
+
+
+def test_bucketed_overlaps_backward_and_naive_does_not(naive_and_bucketed):
+    for r in naive_and_bucketed["naive"]:
         assert r.timings["overlap"] == 0.0
         comm = [e for e in r.extra["timeline"][-1] if e["kind"] == "comm"]
         backward = [e for e in r.extra["timeline"][-1] if e["name"] == "backward"]
         assert len(comm) == 6  # one all-reduce per parameter tensor
         assert min(e["start"] for e in comm) >= backward[-1]["end"]
-    for r in bucketed:
+    for r in naive_and_bucketed["bucketed"]:
         comm = [e for e in r.extra["timeline"][-1] if e["kind"] == "comm"]
         backward = [e for e in r.extra["timeline"][-1] if e["name"] == "backward"][0]
         assert len(comm) >= 2  # several buckets
         # The first bucket is launched before backward has finished.
         assert min(e["start"] for e in comm) < backward["end"]
         assert r.timings["overlap"] > 0.0
+
+
+# ------------------------------------------------------------------ the figures
+
+
+def test_memory_scaling_rows_show_a_constant_replica(naive_and_bucketed):
+    one = launch(W.lab_runs, [replace(lab.TINY, world_size=1)], world_size=1)[0]
+    runs = {1: one, 2: naive_and_bucketed["bucketed"]}
+    rows = figs.memory_scaling_rows(runs)
+    assert [(r["world_size"], r["rank"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
+    assert len({r["states"] for r in rows}) == 1  # the same on every rank and N
+    for r in rows:
+        assert r["states"] == pytest.approx(r["predicted_states"], rel=0.01)
+    assert [r["rows_per_rank"] for r in rows] == [16, 8, 8]
+    forward = figs.memory_scaling_rows(runs, phase="forward")
+    assert forward[1]["activations"] < forward[0]["activations"]  # half the rows
+    for fig in (
+        figs.draw_memory_scaling(runs),
+        figs.draw_memory_scaling(runs, "backward", "peak"),
+    ):
+        assert len(fig.axes) == 2
+    with pytest.raises(ValueError, match="no phase 'sync'"):
+        figs.memory_scaling_rows(runs, phase="sync")
+
+
+def test_timeline_rows_and_figure(naive_and_bucketed):
+    rows = figs.timeline_rows(naive_and_bucketed["bucketed"])
+    assert {r["rank"] for r in rows} == {0, 1}
+    assert {r["what"] for r in rows} >= {"forward", "backward", "step", "comm", "wait"}
+    assert all(r["end"] >= r["start"] >= 0 for r in rows)
+    fig = figs.draw_timeline(naive_and_bucketed)
+    assert len(fig.axes) == 2
+
+
+def test_dp_memory_rows_states_do_not_shrink_with_ranks():
+    rows = figs.dp_memory_rows("LLaMA-2 7B", global_batch=512)
+    assert [r["world_size"] for r in rows] == list(figs.WORLD_SIZES)
+    assert len({r["total"] for r in rows}) == 1  # nothing falls with N
+    assert [r["rows_per_rank"] for r in rows] == [512 // n for n in figs.WORLD_SIZES]
+    states = rows[0]["params"] + rows[0]["grads"] + rows[0]["optimizer"]
+    assert states == 16 * int(figs.MODELS["LLaMA-2 7B"]["params"])
+    assert states > 80e9  # more than an 80 GB device, at any N
+    assert len(figs.draw_dp_memory_limit("LLaMA-2 7B", "H100 SXM").axes) == 2
+
+
+def test_busbw_figure_has_one_line_per_impl():
+    rows = [
+        {"impl": i, "bytes": b, "busbw": b / 1e-3}
+        for i in ("builtin", "ring")
+        for b in (1024, 4096)
+    ]
+    fig = figs.draw_busbw(rows, world_size=4)
+    assert len(fig.axes[0].lines) == 2
+
+
+# ---------------------------------------------------------------- the exercises
+
+SOLUTION = """
+import torch.distributed as dist
+
+
+def average_gradients(model):
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+"""
+
+
+def test_exercise_check_passes_the_solution_and_explains_a_sum(tmp_path, capsys):
+    good = tmp_path / "good.py"
+    good.write_text(SOLUTION)
+    ex.check_average_gradients(good)
+    assert "Correct" in capsys.readouterr().out
+    summed = tmp_path / "summed.py"
+    summed.write_text(SOLUTION.replace("p.grad /= dist.get_world_size()", "pass"))
+    with pytest.raises(AssertionError, match="sum over ranks: divide"):
+        ex.check_average_gradients(summed)
+
+
+def test_exercise_checks_for_bytes_and_memory(naive_and_bucketed):
+    report = naive_and_bucketed["bucketed"][0]
+    n, psi = report.world_size, report.num_params
+    ex.check_bytes_per_rank(2 * (n - 1) / n * 4 * psi, report)
+    with pytest.raises(AssertionError, match="too high"):
+        ex.check_bytes_per_rank(2 * 4 * psi, report)
+    ex.check_memory_per_rank(16 * psi, report)
+    with pytest.raises(AssertionError, match="too low"):
+        ex.check_memory_per_rank(16 * psi / n, report)  # that is ZeRO-3, not DP
+    assert ex.exercise_file("x.py").parent.is_dir()
 
 
 # ------------------------------------------------------------ the wrappers alone
