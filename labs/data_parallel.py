@@ -12,7 +12,12 @@ compute/communication timeline measured per rank::
     torchrun --nproc-per-node 4 -m labs.data_parallel --impl bucketed
 
 ``naive`` and ``bucketed`` are ``utils.ddp.NaiveDDP`` / ``BucketedDDP``; ``ddp`` is
-torch's DistributedDataParallel with a comm hook that times its buckets.
+torch's DistributedDataParallel with a comm hook that times its buckets. Timings
+(``RankReport.timings``, seconds per step, mean over all steps but the first):
+compute (forward, backward, optimizer step), comm (time with an all-reduce in
+flight), overlap (comm during compute) and exposed_comm (comm - overlap). DDP waits
+for its buckets at the end of backward, inside autograd, so for ``ddp`` that wait is
+counted as compute and exposed_comm reads 0.
 """
 
 from __future__ import annotations
