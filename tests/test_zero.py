@@ -16,6 +16,8 @@ import labs.zero as lab
 from labs.zero import IMPLS, PRECISIONS, STAGES, TINY, Config
 from tests import _zero_workers
 from utils.comm import bytes_sent
+from utils.exercises import zero as exercises
+from utils.figures import zero as figures
 from utils.launch import launch
 from utils.memory import model_state_bytes
 from utils.zero_flat import FlatLayout
@@ -234,3 +236,97 @@ def test_flat_layout_pads_to_equal_shards():
     assert layout.padding == 3 and layout.spans() == [(0, 3), (3, 9)]
     assert layout.shard(3) == (9, 12)
     assert FlatLayout((8,), 4).padding == 0
+
+
+# ------------------------------------------------------- figures and exercises
+def test_paper_table_reproduces_every_printed_figure():
+    rows = figures.paper_table()
+    assert len(rows) >= 20 and all(r["agrees"] for r in rows), [
+        r for r in rows if not r["agrees"]
+    ]
+    fig1 = {r["stage"]: r for r in rows if "Figure 1" in r["source"]}
+    assert fig1[3]["formula_gb"] == pytest.approx(16 * 7.5e9 / 64 / 1e9)
+    table = figures.paper_table_markdown(rows)
+    assert table.count("\n") == 2 + 5 and "41.3 / 41.25" in table
+
+
+def test_explorer_bars_follow_the_convention():
+    psi, n = 7_500_000_000, 64
+    assert sum(figures.explorer_bars(psi, n, 3).values()) == 16 * psi // n
+    assert figures.explorer_bars(psi, n, 1) == {
+        "params": 2 * psi,
+        "grads": 2 * psi,
+        "optimizer": 12 * psi // n,
+    }
+    twenty = figures.explorer_bars(psi, n, 1, "mixed-20")
+    assert twenty["grads"] == 2 * psi + 4 * psi // n  # the fp32 copy is sharded
+    assert figures.count_label(7.5e9) == "7.5B" and figures.count_label(1e12) == "1T"
+
+
+def test_figures_draw_from_the_lab_reports(results):
+    n, reports, _ = results
+    runs = {s: reports[(s, "mixed", "scratch")] for s in STAGES}
+    for stage in STAGES:
+        figures.draw_explorer(1e12, 1024, stage, "mixed-18", runs)
+    labels = [e["label"] for e in figures.stage3_events(runs[3][0])]
+    assert labels[0] == "gather root" and labels[-1] == "free root"
+    figures.draw_stage3_timeline(runs[3], rank=n - 1)
+    rows = figures.beyond_formula_rows(runs)
+    assert [r["stage"] for r in rows] == list(STAGES)
+    assert all(r["ratio"] > 1 for r in rows)  # activations at least come on top
+    figures.draw_beyond_formula(rows)
+
+
+def test_smallest_world_size_check_accepts_the_answer_and_refuses_off_by_one(capsys):
+    exercises.check_smallest_world_size(exercises.smallest_world_size)
+    assert "correct" in capsys.readouterr().out
+
+    def off_by_one(num_params, device_bytes, stage):
+        n = exercises.smallest_world_size(num_params, device_bytes, stage)
+        return n if n in (None, 1) else n - 1
+
+    with pytest.raises(AssertionError, match="expected"):
+        exercises.check_smallest_world_size(off_by_one)
+
+
+_STAGE1 = """
+import torch, torch.distributed as dist
+def sharded_step(flat_param, flat_grad, shard, optimizer):
+    grad = torch.empty_like(shard)
+    dist.reduce_scatter_single(grad, flat_grad)
+    shard.grad = grad.div_(dist.get_world_size())
+    optimizer.step()
+    dist.all_gather_single(flat_param, shard.clone())
+"""
+_ALL_REDUCE = """
+import torch, torch.distributed as dist
+def sharded_step(flat_param, flat_grad, shard, optimizer):
+    dist.all_reduce(flat_grad)
+    start = dist.get_rank() * shard.numel()
+    shard.grad = flat_grad[start:start + shard.numel()] / dist.get_world_size()
+    optimizer.step()
+    dist.all_gather_single(flat_param, shard.clone())
+"""
+
+
+def test_shard_update_check(tmp_path, capsys):
+    good, wasteful = tmp_path / "good.py", tmp_path / "wasteful.py"
+    good.write_text(_STAGE1)
+    wasteful.write_text(_ALL_REDUCE)
+    exercises.check_shard_update(good)
+    assert "correct: same parameters as stage 0" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="An all-reduce plus an all-gather"):
+        exercises.check_shard_update(wasteful)
+
+
+# ------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_stage3_on_nccl_matches_gloo():
+    cfg = replace(TINY, world_size=2, stage=3, precision="mixed")
+    gpu = {impl: lab.run(replace(cfg, impl=impl, backend="nccl")) for impl in IMPLS}
+    cpu = lab.run(replace(cfg, backend="gloo"))
+    for reports in gpu.values():
+        assert reports[0].backend == "nccl"
+        torch.testing.assert_close(reports[0].losses, cpu[0].losses, rtol=0, atol=2e-2)
+        assert reports[0].memory[-1]["allocator"] is not None

@@ -161,6 +161,7 @@ class FullyShardedModule(nn.Module):
         u.module.register_forward_hook(partial(self._post_forward, u))
         return u
 
+    # [zero3-gather-start]
     # -- gather, free, reduce ---------------------------------------------------------
     @torch.no_grad()
     def _gather(self, u: _Unit, phase: str, meter=None) -> None:
@@ -195,6 +196,9 @@ class FullyShardedModule(nn.Module):
         u.ready, u.reduced = 0, True
         self._on_event("reduce-scatter", u.name, "backward")
 
+    # [zero3-gather-end]
+
+    # [zero3-hooks-start]
     # -- hooks ------------------------------------------------------------------------
     def _pre_forward(self, u: _Unit, module, args) -> None:
         self._gather(u, "forward", self.meter)
@@ -227,6 +231,8 @@ class FullyShardedModule(nn.Module):
             self._free(u, "backward")
             u.reduced = False
         self._in_backward = False
+
+    # [zero3-hooks-end]
 
     # -- the public face --------------------------------------------------------------
     def forward(self, *args, **kwargs):
