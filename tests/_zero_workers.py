@@ -47,9 +47,9 @@ class _Tied(nn.Module):
         )
 
 
-def _train(model, opt, n, rank, steps=4, sync=True):
+def _train(model, opt, n, rank, steps=4, sync=True, first=0):
     losses = []
-    for step in range(steps):
+    for step in range(first, first + steps):
         x, y = mlp_batch((16, 16), 8, seed=1, step=step)
         if n > 1:
             x, y = shard_batch((x, y), rank, n)
@@ -88,7 +88,9 @@ def pieces() -> dict:
                 {"params": [model.head.bias]},
             ]
             opt = wrapper(groups, cls, bucket_numel=400, **kw)
-            losses = _train(model, opt, n, rank)
+            losses = _train(model, opt, n, rank, steps=2)
+            opt.load_state_dict(opt.state_dict())  # this rank's slice, round trip
+            losses += _train(model, opt, n, rank, steps=2, first=2)
             out[f"{name}-stage{stage}"] = {
                 "loss": max(abs(a - b) for a, b in zip(losses, ref_losses)),
                 "param": max(
@@ -99,6 +101,11 @@ def pieces() -> dict:
                 "frozen_moved": (model.mlp[2].weight - frozen).abs().max().item(),
                 "grads_left": sum(p.grad is not None for p in model.parameters()),
                 "buckets": len(opt.buckets),
+                "padding_bytes": opt.padding_bytes,
+                "padding_numel": sum(
+                    b.layout.padded - b.layout.numel for b in opt.buckets
+                ),
+                "state_is_shared": opt.state is opt.optim.state,
             }
     # Stage 3 on the same model: any optimizer over the shards, full state dict.
     ref_model = _Tied()

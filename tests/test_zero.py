@@ -191,7 +191,9 @@ def test_pieces_handle_tied_frozen_groups_and_any_optimizer(results):
         p = pieces[key]
         assert p["loss"] < 1e-5 and p["param"] < 1e-5, (key, p)
         assert p["tied"] and p["frozen_moved"] == 0
-        assert p["buckets"] >= 2
+        assert p["buckets"] >= 2 and p["state_is_shared"]
+        assert p["padding_bytes"] == 4 * p["padding_numel"]
+        assert 0 <= p["padding_numel"] < n * p["buckets"]
     assert pieces["sgd-stage2"]["grads_left"] == 0  # full grads freed in backward
     for key in ("stage3-root", "stage3-layers"):
         p = pieces[key]

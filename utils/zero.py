@@ -41,7 +41,10 @@ master copy of this rank's slice, which is then rounded back into the bf16
 parameters: the paper's 2 + 2 + 12 bytes per parameter. ``track(category,
 tensor)`` (e.g. ``MemoryTracker.assign``) is told about every buffer made here.
 Frozen parameters (``requires_grad=False``) are left alone: not flattened, not
-sharded, never updated. Parameter groups (dicts) are supported.
+sharded, never updated. Parameter groups (dicts) are supported. A trainable
+parameter that got no gradient in a step is updated with a zero gradient (torch's
+optimizers skip a ``None`` gradient instead: the two differ only where weight decay
+or momentum moves a parameter whose gradient is zero).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ import torch
 import torch.distributed as dist
 
 from utils.comm import CommMeter, all_gather, all_reduce, broadcast, reduce_scatter
-from utils.zero_flat import FlatLayout, _Bucket, _chunks, _groups
+from utils.zero_flat import FlatBucket, FlatLayout, chunk_params, trainable_groups
 
 __all__ = [
     "FlatLayout",
@@ -90,12 +93,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._track = track or (lambda category, tensor: None)
         self.master_dtype = master_dtype
         num_shards, index = self._shards()
-        self.buckets: list[_Bucket] = []
+        self.buckets: list[FlatBucket] = []
         inner_groups = []
-        for g in _groups(params):
+        for g in trainable_groups(params):
             mine = []
-            for chunk in _chunks(reversed(g.pop("params")), bucket_numel):
-                bucket = _Bucket(chunk, num_shards, index, master_dtype, self._track)
+            for chunk in chunk_params(reversed(g.pop("params")), bucket_numel):
+                bucket = FlatBucket(chunk, num_shards, index, master_dtype, self._track)
                 self._init_bucket(bucket)
                 self.buckets.append(bucket)
                 mine.append(bucket.master)
@@ -115,15 +118,15 @@ class FlatOptimizer(torch.optim.Optimizer):
         """(number of shards, the one this rank owns)."""
         return 1, 0
 
-    def _init_bucket(self, b: _Bucket) -> None:
+    def _init_bucket(self, b: FlatBucket) -> None:
         b.grad = torch.zeros_like(b.flat)
         b.link_grads()
         b.grad_shard = b.grad[: b.layout.shard_numel]
 
-    def _reduce(self, b: _Bucket) -> None:
+    def _reduce(self, b: FlatBucket) -> None:
         """Turn this rank's gradients into the gradient of its slice."""
 
-    def _publish(self, b: _Bucket) -> None:
+    def _publish(self, b: FlatBucket) -> None:
         """After the update: every rank gets the new parameters."""
 
     # -- the step ---------------------------------------------------------------------
@@ -153,6 +156,11 @@ class FlatOptimizer(torch.optim.Optimizer):
             self._publish(b)
         return loss
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load this rank's slice of the state (what ``state_dict()`` saved here)."""
+        self.optim.load_state_dict(state_dict)
+        self.param_groups, self.state = self.optim.param_groups, self.optim.state
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the flat gradients in place (they stay views: no reallocation)."""
         for b in self.buckets:
@@ -176,7 +184,7 @@ class ReplicatedOptimizer(FlatOptimizer):
             if b.master is not b.shard:
                 b.master.copy_(b.shard)
 
-    def _reduce(self, b: _Bucket) -> None:
+    def _reduce(self, b: FlatBucket) -> None:
         all_reduce(b.grad, meter=self.meter, group=self.group)
         b.grad.div_(dist.get_world_size(self.group))
 
@@ -191,19 +199,19 @@ class ShardedOptimizer(ReplicatedOptimizer):
     def _shards(self) -> tuple[int, int]:
         return dist.get_world_size(self.group), dist.get_rank(self.group)
 
-    def _init_bucket(self, b: _Bucket) -> None:
+    def _init_bucket(self, b: FlatBucket) -> None:
         super()._init_bucket(b)
         start, end = b.layout.shard(dist.get_rank(self.group))
         b.grad_shard = b.grad[start:end]  # my slice of the full gradient buffer
 
-    def _reduce(self, b: _Bucket) -> None:
+    def _reduce(self, b: FlatBucket) -> None:
         # Rank r receives the sum over ranks of slice r only: (N-1)/N of the bucket.
         mine = torch.empty_like(b.grad_shard)
         self._track("other", mine)
         reduce_scatter(mine, b.grad, meter=self.meter, group=self.group)
         b.grad_shard.copy_(mine).div_(dist.get_world_size(self.group))
 
-    def _publish(self, b: _Bucket) -> None:
+    def _publish(self, b: FlatBucket) -> None:
         # Every rank contributes its updated slice: (N-1)/N of the bucket again.
         mine = b.shard.clone()
         self._track("other", mine)
@@ -222,7 +230,7 @@ class ShardedGradOptimizer(ShardedOptimizer):
     are dropped, so at most a bucket's worth of full gradients lives at a time.
     """
 
-    def _init_bucket(self, b: _Bucket) -> None:
+    def _init_bucket(self, b: FlatBucket) -> None:
         b.grad_shard = torch.zeros(
             b.layout.shard_numel, dtype=b.flat.dtype, device=b.flat.device
         )
@@ -230,13 +238,13 @@ class ShardedGradOptimizer(ShardedOptimizer):
         for p in b.params:
             p.register_post_accumulate_grad_hook(lambda p, b=b: self._on_grad(b))
 
-    def _on_grad(self, b: _Bucket) -> None:
+    def _on_grad(self, b: FlatBucket) -> None:
         b.ready += 1
         if b.ready == len(b.params):
             self._reduce_bucket(b)
 
     @torch.no_grad()
-    def _reduce_bucket(self, b: _Bucket) -> None:
+    def _reduce_bucket(self, b: FlatBucket) -> None:
         full = torch.zeros_like(b.flat)  # the bucket's gradients, for one collective
         self._track("other", full)
         for p, (start, end) in zip(b.params, b.layout.spans()):
@@ -249,7 +257,7 @@ class ShardedGradOptimizer(ShardedOptimizer):
         b.grad_shard.add_(mine.div_(dist.get_world_size(self.group)))
         b.ready, b.reduced = 0, True
 
-    def _reduce(self, b: _Bucket) -> None:
+    def _reduce(self, b: FlatBucket) -> None:
         if not b.reduced:  # some gradient never came (an unused parameter)
             self._reduce_bucket(b)
         b.reduced = False

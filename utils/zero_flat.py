@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["FlatLayout"]
+__all__ = ["FlatBucket", "FlatLayout", "chunk_params", "trainable_groups"]
 
 
 class FlatLayout:
@@ -43,7 +43,7 @@ class FlatLayout:
         return index * self.shard_numel, (index + 1) * self.shard_numel
 
 
-class _Bucket:
+class FlatBucket:
     """A few parameters in one padded flat buffer, and this rank's slice of it."""
 
     def __init__(self, params, num_shards, index, master_dtype, track):
@@ -76,7 +76,9 @@ class _Bucket:
                     p.grad = view
 
 
-def _groups(params) -> list[dict]:
+def trainable_groups(params) -> list[dict]:
+    """Parameter groups (a list of tensors or of dicts, as torch.optim takes them)
+    holding only trainable parameters, each once: a tied one in its first group."""
     params = list(params)
     if not params:
         raise ValueError("the optimizer got an empty parameter list")
@@ -97,7 +99,7 @@ def _groups(params) -> list[dict]:
     return out
 
 
-def _chunks(params, bucket_numel: int | None) -> list[list[torch.Tensor]]:
+def chunk_params(params, bucket_numel: int | None) -> list[list[torch.Tensor]]:
     """Consecutive runs of same-dtype parameters of at most ``bucket_numel``."""
     chunks: list[list[torch.Tensor]] = []
     size = 0
