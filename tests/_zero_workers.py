@@ -47,18 +47,21 @@ class _Tied(nn.Module):
         )
 
 
-def _train(model, opt, n, rank, steps=4, sync=True, first=0):
+def _train(model, opt, n, rank, steps=4, sync=True, first=0, micro=1):
+    """Adam/SGD steps on this rank's share; ``micro`` micro-batches accumulated."""
     losses = []
     for step in range(first, first + steps):
         x, y = mlp_batch((16, 16), 8, seed=1, step=step)
         if n > 1:
             x, y = shard_batch((x, y), rank, n)
-        loss = F.mse_loss(model(x).float(), y)
-        loss.backward()
+        loss = 0.0
+        for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
+            part = F.mse_loss(model(xs).float(), ys) / micro
+            part.backward()
+            loss = loss + part.detach()
         opt.step()
         opt.zero_grad()
         if sync:
-            loss = loss.detach()
             dist.all_reduce(loss)
             loss /= n
         losses.append(loss.item())
@@ -88,9 +91,9 @@ def pieces() -> dict:
                 {"params": [model.head.bias]},
             ]
             opt = wrapper(groups, cls, bucket_numel=400, **kw)
-            losses = _train(model, opt, n, rank, steps=2)
+            losses = _train(model, opt, n, rank, steps=2, micro=stage)
             opt.load_state_dict(opt.state_dict())  # this rank's slice, round trip
-            losses += _train(model, opt, n, rank, steps=2, first=2)
+            losses += _train(model, opt, n, rank, steps=2, first=2, micro=stage)
             out[f"{name}-stage{stage}"] = {
                 "loss": max(abs(a - b) for a, b in zip(losses, ref_losses)),
                 "param": max(
@@ -115,7 +118,8 @@ def pieces() -> dict:
     model = FullyShardedModule(_Tied(), units=[])  # one unit: the root (tied inside)
     layered = FullyShardedModule(_Tied())  # Sequential layers as units, tie at root
     for key, m in (("stage3-root", model), ("stage3-layers", layered)):
-        losses = _train(m, torch.optim.Adam(m.parameters(), 1e-2), n, rank)
+        micro = 2 if key == "stage3-layers" else 1  # accumulate 2 micro-batches
+        losses = _train(m, torch.optim.Adam(m.parameters(), 1e-2), n, rank, micro=micro)
         state = m.full_state_dict()
         out[key] = {
             "loss": max(abs(a - b) for a, b in zip(losses, ref_losses)),
