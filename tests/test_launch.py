@@ -410,3 +410,8 @@ def test_doctor_passes_here(capsys):
     for words in ("Python", "torch", "GPUs", "/dev/shm", "4-rank lab", "2-rank gloo"):
         assert words in out
     assert "FAIL" not in out
+
+
+def test_ranks_can_return_tensors():
+    results = launch(w.tensor_result, 3, world_size=2, backend="gloo")
+    assert [r.tolist() for r in results] == [[0.0] * 3, [1.0] * 3]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -136,10 +137,13 @@ def rank_main(fn, args, rank, world_size, backend, port, timeout, pipes):
         result = fn(*args)
         if dist.is_initialized():  # fn may have torn it down itself
             dist.destroy_process_group()
-        conn.send(("ok", result))
+        # Plain pickle, not multiprocessing's: that one shares a tensor's storage
+        # through a file descriptor that dies with this process.
+        conn.send_bytes(pickle.dumps(("ok", result)))
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller
         try:
-            conn.send(("raised", traceback.format_exc(), _is_peer_error(exc)))
+            reply = ("raised", traceback.format_exc(), _is_peer_error(exc))
+            conn.send_bytes(pickle.dumps(reply))
         except Exception:  # the pipe is gone: the caller is stopping us anyway
             pass
         sys.stdout.flush()
@@ -224,7 +228,7 @@ def supervise(procs, conns, outputs, timeout: float) -> Outcome:
             msg = None
             if what == "conn" or conns[r].poll():
                 try:
-                    msg = conns[r].recv()
+                    msg = pickle.loads(conns[r].recv_bytes())
                 except (EOFError, OSError):
                     msg = None
                 except Exception:  # the result pickled there but not here
