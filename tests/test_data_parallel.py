@@ -19,6 +19,7 @@ import labs.data_parallel as lab
 from tests import _dp_workers as W
 from utils.comm import bus_factor
 from utils.exercises import data_parallel as ex
+from utils.exercises import exercise_file
 from utils.figures import data_parallel as figs
 from utils.launch import LaunchError, launch
 from utils.memory import model_state_bytes
@@ -256,7 +257,7 @@ def test_exercise_checks_for_bytes_and_memory(naive_and_bucketed):
     ex.check_memory_per_rank(16 * psi, report)
     with pytest.raises(AssertionError, match="too low"):
         ex.check_memory_per_rank(16 * psi / n, report)  # that is ZeRO-3, not DP
-    assert ex.exercise_file("x.py").parent.is_dir()
+    assert exercise_file("x.py").parent.is_dir()
 
 
 # ------------------------------------------------------------ the wrappers alone

@@ -2,5 +2,44 @@
 
 A learner's function that must run inside ranks has to be importable (spawned
 ranks find functions by module path), so exercises that run in ranks ask the learner
-to write it to a file outside the book with ``%%writefile`` and import it.
+to write it to a file outside the book with ``%%writefile {exercise_file(...)}``;
+each rank then loads that file by path with :func:`load_function`. A check prints
+one line when the answer is right and raises ``AssertionError`` saying what was
+expected when it is not.
 """
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import tempfile
+from pathlib import Path
+
+EXERCISE_DIR = Path(tempfile.gettempdir()) / "parallelization-exercises"
+"""Where the chapters' ``%%writefile`` cells put learner code (never the book)."""
+
+
+def exercise_file(name: str) -> Path:
+    """A path for learner code under the system's temp folder (created if needed)."""
+    EXERCISE_DIR.mkdir(parents=True, exist_ok=True)
+    return EXERCISE_DIR / name
+
+
+def load_function(path, name: str):
+    """The function ``name`` defined in the Python file ``path``.
+
+    The module name depends on the file's content, so an edited file is loaded
+    afresh rather than taken from ``sys.modules``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AssertionError(f"no file {path}: run the %%writefile cell first")
+    tag = hashlib.sha1(f"{path}\n{path.read_text()}".encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(f"_exercise_{tag}", path)
+    if spec is None or spec.loader is None:
+        raise AssertionError(f"cannot load {path}: is it a .py file?")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, name, None)):
+        raise AssertionError(f"{path} defines no function {name!r}")
+    return getattr(module, name)

@@ -14,48 +14,22 @@ to a file outside the book (:func:`exercise_file`) with ``%%writefile``.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import tempfile
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from utils.exercises import load_function
 from utils.models import MLP, mlp_batch, shard_batch
 
 SIZES = (16, 32, 8)
 WORLD_SIZE = 2
 
 
-EXERCISE_DIR = Path(tempfile.gettempdir()) / "parallelization-exercises"
-
-
-def exercise_file(name: str) -> Path:
-    """Where to ``%%writefile`` an exercise: a folder under the system's temp dir,
-    never the book's source tree (the folder is created)."""
-    EXERCISE_DIR.mkdir(parents=True, exist_ok=True)
-    return EXERCISE_DIR / name
-
-
-def _load(path, name: str):
-    path = str(path)
-    source = Path(path).read_text()
-    tag = hashlib.sha1(f"{path}\n{source}".encode()).hexdigest()[:12]
-    spec = importlib.util.spec_from_file_location(f"_exercise_{tag}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, name, None)):
-        raise AttributeError(f"{path} defines no function {name!r}")
-    return getattr(module, name)
-
-
 def average_rank(path: str, name: str) -> dict:
     """Inside a rank: the learner's averaging against DDP, one backward each."""
     rank, n = dist.get_rank(), dist.get_world_size()
-    average_gradients = _load(path, name)
+    average_gradients = load_function(path, name)
     mine, theirs = MLP(SIZES, seed=1), DistributedDataParallel(MLP(SIZES, seed=1))
     x, y = shard_batch(mlp_batch(SIZES, 8, seed=1), rank, n)
     F.mse_loss(mine(x), y).backward()
@@ -78,7 +52,7 @@ def check_average_gradients(path, name: str = "average_gradients") -> None:
     equal DDP's (the mean over ranks) to 1e-6. Raises AssertionError with a hint."""
     from utils.launch import launch
 
-    _load(path, name)  # a syntax error shows here, not inside a rank
+    load_function(path, name)  # a syntax error shows here, not inside a rank
     results = launch(
         average_rank, str(path), name, world_size=WORLD_SIZE, backend="gloo"
     )

@@ -13,19 +13,14 @@ with what was expected when it is not.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import tempfile
 import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from utils.exercises import load_function
 from utils.memory_model import model_state_bytes
-
-EXERCISE_DIR = Path(tempfile.gettempdir()) / "parallelization-exercises"
-"""Where the chapter's ``%%writefile`` cells put learner code (never the book)."""
 
 _COUNTS = (0, 1, 7, 1000, 124_439_808, 7_000_000_000, 175_000_000_000)
 
@@ -56,27 +51,10 @@ def check_state_bytes(state_bytes) -> None:
     )
 
 
-def exercise_file(name: str) -> Path:
-    """A path for learner code outside the book (the folder is created)."""
-    EXERCISE_DIR.mkdir(parents=True, exist_ok=True)
-    return EXERCISE_DIR / name
-
-
 # Shapes the check reduces: divisible by 4 ranks, a matrix, and one that is not.
 _SHAPES = ((8,), (4, 6), (5,), (1,))
 _RS = ("reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single")
 _AG = ("all_gather", "all_gather_into_tensor", "all_gather_single")
-
-
-def _load(path: str, name: str):
-    spec = importlib.util.spec_from_file_location(f"_exercise_{os.getpid()}", path)
-    if spec is None:
-        raise AssertionError(f"cannot load {path}: is it a .py file?")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, name):
-        raise AssertionError(f"{path} defines no function {name!r}")
-    return getattr(module, name)
 
 
 def rank_check_all_reduce(path: str, name: str) -> str | None:
@@ -107,7 +85,7 @@ def rank_check_all_reduce(path: str, name: str) -> str | None:
     saved["all_reduce"] = real_all_reduce
     dist.all_reduce = forbidden
     try:
-        fn = _load(path, name)
+        fn = load_function(path, name)
         for shape in _SHAPES:
             g = torch.Generator().manual_seed(1 + rank)
             x = torch.randint(-50, 50, shape, generator=g).float()

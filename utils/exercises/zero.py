@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from utils.comm import CommMeter, bytes_sent
-from utils.exercises.foundations import _load, exercise_file
+from utils.exercises import load_function
 from utils.memory_model import model_state_bytes
 from utils.models import MLP, mlp_batch, shard_batch
 from utils.zero import ReplicatedOptimizer
@@ -32,7 +32,6 @@ __all__ = [
     "MAX_WORLD_SIZE",
     "check_shard_update",
     "check_smallest_world_size",
-    "exercise_file",
     "smallest_world_size",
 ]
 
@@ -84,7 +83,7 @@ def rank_check_shard_update(path: str, name: str) -> dict:
     """Runs in each rank: the learner's stage-1 step against stage 0."""
     rank, n = dist.get_rank(), dist.get_world_size()
     try:
-        step_fn = _load(path, name)
+        step_fn = load_function(path, name)
         model, ref = MLP(SIZES, seed=0), MLP(SIZES, seed=0)
         params = list(model.parameters())
         layout = FlatLayout((p.numel() for p in params), n)
