@@ -32,7 +32,15 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from utils.cli import BACKENDS, config_from_args, finish, lab_parser, progress
+from utils.cli import (
+    LabConfig,
+    check_choice,
+    check_int,
+    config_from_args,
+    finish,
+    lab_parser,
+    progress,
+)
 from utils.comm import CommMeter, all_reduce, bus_factor, nbytes, ring_all_reduce
 from utils.ddp import ALLREDUCE, BucketedDDP, NaiveDDP
 from utils.launch import launch, rank_device, synchronize
@@ -44,17 +52,11 @@ IMPLS = ("naive", "bucketed", "ddp")
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(LabConfig):
     """One data-parallel training run."""
 
-    world_size: int = 2
-    """Ranks in the data-parallel group (dp_size)."""
-    backend: str = "auto"
-    """auto: NCCL with one GPU per rank if there are enough GPUs, else gloo on CPU."""
     steps: int = 4
     """Optimizer steps; timings average all but the first (warm-up) step."""
-    seed: int = 0
-    """Seed of the weights and of the synthetic batches."""
     impl: str = "bucketed"
     """How gradients are averaged: naive, bucketed (overlapping backward) or ddp."""
     allreduce: str = "builtin"
@@ -75,21 +77,11 @@ class Config:
     """Send the final parameters back in ``extra["params"]`` (tests compare them)."""
 
     def __post_init__(self):
-        def positive_int(name):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-        for name in ("world_size", "steps", "accum_steps", "batch_size"):
-            positive_int(name)
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
-        if self.allreduce not in ALLREDUCE:
-            raise ValueError(
-                f"allreduce must be one of {ALLREDUCE}, got {self.allreduce!r}"
-            )
+        super().__post_init__()
+        check_int("accum_steps", self.accum_steps)
+        check_int("batch_size", self.batch_size)
+        check_choice("impl", self.impl, IMPLS)
+        check_choice("allreduce", self.allreduce, ALLREDUCE)
         if self.allreduce == "ring" and self.impl == "ddp":
             raise ValueError("allreduce='ring' needs impl naive or bucketed, not ddp")
         if isinstance(self.bucket_mb, bool) or not (

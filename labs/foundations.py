@@ -33,7 +33,15 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from utils.cli import BACKENDS, config_from_args, finish, format_bytes, lab_parser
+from utils.cli import (
+    LabConfig,
+    check_choice,
+    check_int,
+    config_from_args,
+    finish,
+    format_bytes,
+    lab_parser,
+)
 from utils.comm import CommMeter, all_reduce_mean, bus_factor
 from utils.launch import launch, rank_device, synchronize
 from utils.memory import MemoryTracker
@@ -44,25 +52,16 @@ PARTS = ("anatomy", "collectives", "busbw")
 COLLECTIVES = ("broadcast", "reduce", "all_reduce", "reduce_scatter", "all_gather")
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 @dataclass(frozen=True)
-class Config:
+class Config(LabConfig):
     """What one run of the lab does; validated on construction."""
 
     world_size: int = 4
     """Ranks to start (under torchrun: the world torchrun started)."""
-    backend: str = "auto"
-    """"auto" (NCCL with one GPU per rank, else gloo on CPU), "gloo" or "nccl"."""
     part: str = "all"
     """Which part to run: "anatomy", "collectives", "busbw" or "all"."""
     steps: int = 3
     """Anatomy steps: the first creates Adam's states, later ones are steady."""
-    seed: int = 0
-    """Seed for the weights and the synthetic data (every rank builds the same)."""
     sizes: tuple[int, ...] = (256, 1024, 1024, 256)
     """MLP widths: 1.6 M parameters, so the model states dominate on 2 CPU cores."""
     batch_size: int = 256
@@ -79,34 +78,27 @@ class Config:
     """Timed all-reduces per size; the median is reported (robust to noise)."""
 
     def __post_init__(self):
-        _positive_int("world_size", self.world_size)
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.part not in ("all", *PARTS):
-            raise ValueError(
-                f"part must be one of {('all', *PARTS)}, got {self.part!r}"
-            )
-        _positive_int("steps", self.steps)
-        _positive_int("seed", self.seed, minimum=0)
+        super().__post_init__()
+        check_choice("part", self.part, ("all", *PARTS))
         if len(self.sizes) < 2:
             raise ValueError(f"sizes needs at least 2 widths, got {self.sizes!r}")
         for width in self.sizes:
-            _positive_int("each of sizes", width)
-        _positive_int("batch_size", self.batch_size)
+            check_int("each of sizes", width)
+        check_int("batch_size", self.batch_size)
         if "anatomy" in self.parts and self.batch_size % self.world_size:
             raise ValueError(
                 f"batch_size={self.batch_size} must divide by "
                 f"world_size={self.world_size} (each rank takes an equal share)"
             )
-        _positive_int("chunk", self.chunk)
-        _positive_int("min_bytes", self.min_bytes, minimum=4)
+        check_int("chunk", self.chunk)
+        check_int("min_bytes", self.min_bytes, minimum=4)
         if self.min_bytes % 4:
             raise ValueError(
                 f"min_bytes must be a multiple of 4 (fp32), got {self.min_bytes}"
             )
-        _positive_int("max_bytes", self.max_bytes, minimum=self.min_bytes)
-        _positive_int("warmup", self.warmup, minimum=0)
-        _positive_int("iters", self.iters)
+        check_int("max_bytes", self.max_bytes, minimum=self.min_bytes)
+        check_int("warmup", self.warmup, minimum=0)
+        check_int("iters", self.iters)
 
     @property
     def parts(self) -> tuple[str, ...]:

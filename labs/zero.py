@@ -36,7 +36,15 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from utils.cli import BACKENDS, config_from_args, finish, lab_parser, progress
+from utils.cli import (
+    LabConfig,
+    check_choice,
+    check_int,
+    config_from_args,
+    finish,
+    lab_parser,
+    progress,
+)
 from utils.comm import CommMeter
 from utils.launch import launch, rank_device, synchronize
 from utils.memory import MemoryTracker, model_state_bytes
@@ -59,17 +67,11 @@ TORCH_STAGES = {
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(LabConfig):
     """One ZeRO training run."""
 
-    world_size: int = 2
-    """Ranks in the data-parallel group over which states are sharded (N_d)."""
-    backend: str = "auto"
-    """auto: NCCL with one GPU per rank if there are enough GPUs, else gloo on CPU."""
     steps: int = 3
     """Optimizer steps; timings take the median of all but the first."""
-    seed: int = 0
-    """Seed of the weights and of the synthetic batches."""
     stage: int = 3
     """ZeRO stage: 0 replicate all, 1 shard optimizer states, 2 + grads, 3 + params."""
     precision: str = "fp32"
@@ -92,20 +94,14 @@ class Config:
     """Send the final full parameters back in ``extra["params"]`` (tests compare)."""
 
     def __post_init__(self):
-        for name in ("world_size", "steps", "d_model", "n_layers", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if isinstance(self.stage, bool) or self.stage not in STAGES:
+        super().__post_init__()
+        for name in ("d_model", "n_layers", "batch_size"):
+            check_int(name, getattr(self, name))
+        if isinstance(self.stage, bool):
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"precision must be one of {PRECISIONS}, got {self.precision!r}"
-            )
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        check_choice("stage", self.stage, STAGES)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("impl", self.impl, IMPLS)
         if self.d_model % 4:
             raise ValueError(f"d_model must be a multiple of 4 heads: {self.d_model}")
         if self.batch_size % self.world_size:

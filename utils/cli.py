@@ -14,11 +14,48 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from utils.report import CATEGORIES, RankReport, save_reports
 
 BACKENDS = ("auto", "gloo", "nccl")
+
+
+def check_int(name: str, value, minimum: int = 1) -> None:
+    """Raise ValueError unless ``value`` is an int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    """Raise ValueError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """The fields every lab's Config starts with, one per shared CLI flag.
+
+    A lab's Config subclasses it (redeclaring a field to change its default) and
+    calls ``super().__post_init__()`` before checking its own fields.
+    """
+
+    world_size: int = 2
+    """Ranks to start (under torchrun: the world torchrun started)."""
+    backend: str = "auto"
+    """auto: NCCL with one GPU per rank if there are enough GPUs, else gloo on CPU."""
+    steps: int = 3
+    """Training steps."""
+    seed: int = 0
+    """Seed of the weights and of the synthetic batches (every rank builds the same)."""
+
+    def __post_init__(self):
+        check_int("world_size", self.world_size)
+        check_choice("backend", self.backend, BACKENDS)
+        check_int("steps", self.steps)
+        check_int("seed", self.seed, minimum=0)
 
 
 def lab_parser(description: str, defaults) -> argparse.ArgumentParser:
