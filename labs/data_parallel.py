@@ -41,7 +41,7 @@ from utils.cli import (
     lab_parser,
     progress,
 )
-from utils.comm import CommMeter, all_reduce, bus_factor, nbytes, ring_all_reduce
+from utils.comm import CommMeter, all_reduce, nbytes, ring_all_reduce, time_all_reduce
 from utils.ddp import ALLREDUCE, BucketedDDP, NaiveDDP
 from utils.launch import launch, rank_device, synchronize
 from utils.memory import MemoryTracker
@@ -296,48 +296,14 @@ def run(cfg: Config) -> list[RankReport]:
     return launch(worker, cfg, world_size=cfg.world_size, backend=cfg.backend)
 
 
-# [busbw-start]
 def bandwidth_worker(
     sizes_bytes: list[int], iters: int = 5, warmup: int = 3
 ) -> list[dict]:
-    """Time the ring and the built-in all-reduce on float32 buffers of each size.
-
-    The two alternate, so a busy machine slows both alike. One row per (size,
-    impl): the median over ``iters`` of the slowest rank's time, algbw = S / t and
-    busbw = algbw * 2(n-1)/n (nccl-tests' definitions).
-    """
-    n, device = dist.get_world_size(), rank_device()
+    """The ring against the built-in all-reduce: ``utils.comm.time_all_reduce``."""
     impls = {"builtin": dist.all_reduce, "ring": ring_all_reduce}
-    rows = []
-    for size in sizes_bytes:
-        buffer = torch.zeros(max(1, size // 4), device=device)
-        times = torch.zeros(len(impls), iters, dtype=torch.float64)
-        for i in range(warmup + iters):  # the first calls set up connections
-            for j, op in enumerate(impls.values()):
-                dist.barrier()
-                start = time.perf_counter()
-                op(buffer)
-                synchronize(device)
-                if i >= warmup:
-                    times[j, i - warmup] = time.perf_counter() - start
-        dist.all_reduce(times, op=dist.ReduceOp.MAX)
-        for j, impl in enumerate(impls):
-            t = statistics.median(times[j].tolist())
-            algbw = nbytes(buffer) / t
-            busbw = algbw * bus_factor("all_reduce", n)
-            rows.append(
-                {
-                    "impl": impl,
-                    "bytes": nbytes(buffer),
-                    "time_s": t,
-                    "algbw": algbw,
-                    "busbw": busbw,
-                }
-            )
-    return rows
-
-
-# [busbw-end]
+    return time_all_reduce(
+        sizes_bytes, impls, warmup=warmup, iters=iters, device=rank_device()
+    )
 
 
 def measure_bandwidth(

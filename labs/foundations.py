@@ -42,7 +42,7 @@ from utils.cli import (
     format_bytes,
     lab_parser,
 )
-from utils.comm import CommMeter, all_reduce_mean, bus_factor
+from utils.comm import CommMeter, all_reduce_mean, time_all_reduce
 from utils.launch import launch, rank_device, synchronize
 from utils.memory import MemoryTracker
 from utils.models import MLP, count_params, mlp_batch, shard_batch
@@ -218,40 +218,11 @@ def collectives(cfg: Config, device: torch.device) -> dict:
 # [collectives-end]
 
 
-# [busbw-start]
 def bus_bandwidth(cfg: Config, device: torch.device) -> list[dict]:
     """All-reduce time per message size; algbw = S/t, busbw = algbw * 2(n-1)/n."""
-    n = dist.get_world_size()
-    flag = torch.zeros(1, device=device)
-    rows = []
-    for size in cfg.message_sizes():
-        x = torch.zeros(size // 4, dtype=torch.float32, device=device)
-        times = []
-        for i in range(cfg.warmup + cfg.iters):
-            dist.all_reduce(flag)  # line the ranks up so each timing starts together
-            synchronize(device)
-            start = perf_counter()
-            dist.all_reduce(x)
-            synchronize(device)
-            if i >= cfg.warmup:
-                times.append(perf_counter() - start)
-        # An all-reduce is over when its slowest rank is: per iteration, the max.
-        slowest = torch.tensor(times, dtype=torch.float64, device=device)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        t = statistics.median(slowest.tolist())
-        algbw = size / t
-        rows.append(
-            {
-                "bytes": size,
-                "time_s": t,
-                "algbw": algbw,
-                "busbw": algbw * bus_factor("all_reduce", n),
-            }
-        )
-    return rows
-
-
-# [busbw-end]
+    return time_all_reduce(
+        cfg.message_sizes(), warmup=cfg.warmup, iters=cfg.iters, device=device
+    )
 
 
 def worker(cfg: Config) -> RankReport:

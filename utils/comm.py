@@ -14,10 +14,14 @@ link speed whatever ``n`` is.
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
+from time import perf_counter
 
 import torch
 import torch.distributed as dist
+
+from utils.launch import synchronize
 
 _FACTORS = {
     "all_reduce": lambda n: 2 * (n - 1) / n,
@@ -179,3 +183,53 @@ def ring_all_reduce(
 
 
 # [ring-all-reduce-end]
+
+
+# [busbw-start]
+def time_all_reduce(
+    sizes_bytes, impls=None, *, warmup: int = 3, iters: int = 5, device=None
+) -> list[dict]:
+    """Time all-reduce on float32 buffers of each size, inside every rank.
+
+    ``impls`` maps a name to a function that sums a tensor over the ranks in place
+    (default: the backend's ``dist.all_reduce``); they alternate, so a busy machine
+    slows them alike. One row per (size, impl): ``time_s``, the median over
+    ``iters`` (after ``warmup`` untimed calls) of the slowest rank's time, since an
+    all-reduce is over when its slowest rank is; ``algbw = S / t`` and
+    ``busbw = algbw * 2(n-1)/n``, as nccl-tests defines them.
+    """
+    n = dist.get_world_size()
+    device = torch.device("cpu") if device is None else device
+    impls = impls or {"builtin": dist.all_reduce}
+    flag = torch.zeros(1, device=device)
+    rows = []
+    for size in sizes_bytes:
+        buffer = torch.zeros(max(1, size // 4), device=device)
+        times = torch.zeros(len(impls), iters, dtype=torch.float64)
+        for i in range(warmup + iters):  # the first calls set up connections
+            for j, op in enumerate(impls.values()):
+                dist.all_reduce(flag)  # line the ranks up: timings start together
+                synchronize(device)
+                start = perf_counter()
+                op(buffer)
+                synchronize(device)
+                if i >= warmup:
+                    times[j, i - warmup] = perf_counter() - start
+        slowest = times.to(device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        for j, name in enumerate(impls):
+            t = statistics.median(slowest[j].tolist())
+            algbw = nbytes(buffer) / t
+            rows.append(
+                {
+                    "impl": name,
+                    "bytes": nbytes(buffer),
+                    "time_s": t,
+                    "algbw": algbw,
+                    "busbw": algbw * bus_factor("all_reduce", n),
+                }
+            )
+    return rows
+
+
+# [busbw-end]

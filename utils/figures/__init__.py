@@ -1,1 +1,1 @@
-"""Chapter-specific figures and widgets, one module per chapter, built on utils.widgets."""
+"""Chapter-specific figures and widgets, one module per chapter, on utils.widgets."""
