@@ -158,25 +158,23 @@ def ring_all_reduce(
     chunks = list(flat.tensor_split(n))
     recv = torch.empty_like(chunks[0])
 
-    def exchange(send_idx: int, recv_idx: int) -> torch.Tensor:
-        incoming = recv[: chunks[recv_idx].numel()]
+    def exchange(send_idx: int, into: torch.Tensor) -> None:
         ops = [
             dist.P2POp(dist.isend, chunks[send_idx], right, group),
-            dist.P2POp(dist.irecv, incoming, left, group),
+            dist.P2POp(dist.irecv, into, left, group),
         ]
         for req in dist.batch_isend_irecv(ops):
             req.wait()
         if meter is not None:
             meter.by_op["ring_all_reduce"] += nbytes(chunks[send_idx])
-        return incoming
 
     for step in range(n - 1):  # reduce-scatter: accumulate partial sums
-        chunks[(rank - step - 1) % n].add_(
-            exchange((rank - step) % n, (rank - step - 1) % n)
-        )
-    for step in range(n - 1):  # all-gather: pass finished chunks around
-        idx = (rank - step) % n
-        chunks[idx].copy_(exchange((rank - step + 1) % n, idx))
+        idx = (rank - step - 1) % n
+        incoming = recv[: chunks[idx].numel()]
+        exchange((rank - step) % n, incoming)
+        chunks[idx].add_(incoming)
+    for step in range(n - 1):  # all-gather: finished chunks land in place
+        exchange((rank - step + 1) % n, chunks[(rank - step) % n])
     if flat.data_ptr() != tensor.data_ptr():
         tensor.copy_(flat.view_as(tensor))
     return tensor
