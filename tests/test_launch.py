@@ -415,3 +415,15 @@ def test_doctor_passes_here(capsys):
 def test_ranks_can_return_tensors():
     results = launch(w.tensor_result, 3, world_size=2, backend="gloo")
     assert [r.tolist() for r in results] == [[0.0] * 3, [1.0] * 3]
+
+
+def test_no_rendezvous_folder_outlives_its_job():
+    import glob
+    import tempfile
+
+    pattern = os.path.join(tempfile.gettempdir(), "launch-*")
+    before = set(glob.glob(pattern))
+    launch(w.tensor_result, 2, world_size=2, backend="gloo")
+    with pytest.raises(LaunchError):
+        launch(w.raise_on, 1, world_size=2, backend="gloo")
+    assert set(glob.glob(pattern)) == before

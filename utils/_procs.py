@@ -5,7 +5,7 @@ module's docstring for the user-facing contract. This file holds the two halves
 that meet over pipes:
 
 - ``rank_main`` runs in each child: it ties its life to its parent, rendezvouses
-  through the parent's ``TCPStore``, calls the worker and sends back either the
+  through the job's ``FileStore``, calls the worker and sends back either the
   result or the formatted traceback.
 - ``supervise`` runs in the caller: it waits on the children's result pipes,
   their exit sentinels and their output, decides when the job is over and, if it
@@ -91,7 +91,7 @@ def _exit_with_job(job) -> None:
     threading.Thread(target=watch, name="launch-job-watch", daemon=True).start()
 
 
-def rank_main(fn, args, rank, world_size, backend, port, timeout, pipes):
+def rank_main(fn, args, rank, world_size, backend, rendezvous, timeout, pipes):
     """Entry point of one rank (runs in a process forked by the fork server)."""
     conn, out, err, job = pipes
     _die_with_parent()
@@ -108,7 +108,6 @@ def rank_main(fn, args, rank, world_size, backend, port, timeout, pipes):
         WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
     )
     try:
         import torch
@@ -120,13 +119,9 @@ def rank_main(fn, args, rank, world_size, backend, port, timeout, pipes):
             # Ranks share the cores: without this each would start one thread per
             # core and they would fight (oversubscription makes gloo labs crawl).
             torch.set_num_threads(max(1, _cpu_count() // world_size))
-        store = dist.TCPStore(
-            "127.0.0.1",
-            port,
-            world_size,
-            is_master=False,
-            timeout=timedelta(seconds=timeout),
-        )
+        # The job's own folder (see utils.launch): a FileStore, not a TCPStore.
+        store = dist.FileStore(os.path.join(rendezvous, "store"), world_size)
+        store.set_timeout(timedelta(seconds=timeout))
         dist.init_process_group(
             backend,
             store=store,

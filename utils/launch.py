@@ -58,9 +58,14 @@ start fresh interpreters that import torch again, about 2.3 s of CPU per rank, w
 makes a notebook cell that relaunches 4 ranks slow. We use torch.multiprocessing's
 *forkserver* context with torch preloaded: a server process imports torch once
 (never touching CUDA, so NCCL ranks start with a clean CUDA state) and each rank is a
-cheap fork of it. Rendezvous goes through a ``torch.distributed.TCPStore`` that the
-caller hosts on 127.0.0.1 port 0 (the OS picks a free port), so concurrent launches
-never race for a port. Measured by ``python -m bench launch``.
+cheap fork of it. Rendezvous goes through a ``torch.distributed.FileStore`` in a
+fresh temporary folder per job (removed when the job ends), so concurrent launches
+never share a rendezvous and no port is reserved. (A ``TCPStore`` hosted by the
+caller on port 0 was the first design, but about one relaunch in ten then stalled
+for 5 s while a rank's store client connected, when jobs followed each other within
+a few hundred milliseconds; the FileStore has no such stall.) The ranks' own gloo
+or NCCL connections still use 127.0.0.1 and ports the OS picks. Measured by
+``python -m bench launch``.
 """
 
 from __future__ import annotations
@@ -70,7 +75,9 @@ import functools
 import numbers
 import os
 import pickle
+import shutil
 import sys
+import tempfile
 from datetime import timedelta
 
 import torch
@@ -261,14 +268,7 @@ def launch(fn, *args, world_size: int, backend: str = "auto", timeout: float = 6
 
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
-    store = dist.TCPStore(
-        "127.0.0.1",
-        0,
-        world_size + 1,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=timedelta(seconds=timeout),
-    )
+    rendezvous = tempfile.mkdtemp(prefix="launch-")
     out_r, out_w = ctx.Pipe(duplex=False)  # the ranks' stdout, forwarded
     err_r, err_w = ctx.Pipe(duplex=False)  # and stderr
     job_r, job_w = ctx.Pipe(duplex=False)  # ranks exit when we close job_w
@@ -279,7 +279,7 @@ def launch(fn, *args, world_size: int, backend: str = "auto", timeout: float = 6
             recv, send = ctx.Pipe(duplex=False)
             p = ctx.Process(
                 target=_procs.rank_main,
-                args=(fn, args, rank, world_size, chosen, store.port, timeout)
+                args=(fn, args, rank, world_size, chosen, rendezvous, timeout)
                 + ((send, out_w, err_w, job_r),),
                 name=f"rank{rank}",
                 daemon=True,
@@ -297,7 +297,7 @@ def launch(fn, *args, world_size: int, backend: str = "auto", timeout: float = 6
         _procs.drain(outputs)
         for c in [*conns, out_r, err_r, out_w, err_w, job_r]:
             c.close()
-        del store
+        shutil.rmtree(rendezvous, ignore_errors=True)
     if ok:
         return [outcome.results[r] for r in range(world_size)]
     raise LaunchError(*_procs.blame(outcome, stopped, timeout, chosen))
