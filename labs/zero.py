@@ -45,14 +45,14 @@ from utils.cli import (
     lab_parser,
     progress,
 )
-from utils.comm import CommMeter
+from utils.comm import CollectiveCounter, CommMeter
 from utils.launch import launch, rank_device, synchronize
 from utils.memory import MemoryTracker, model_state_bytes
 from utils.models import GPT, GPTConfig, count_params, gpt_batch, shard_batch
 from utils.report import RankReport
 from utils.zero import ReplicatedOptimizer, ShardedGradOptimizer, ShardedOptimizer
 from utils.zero3 import FullyShardedModule, default_units
-from utils.zero_torch import CollectiveCounter, full_state
+from utils.zero_torch import full_state
 
 STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "mixed")

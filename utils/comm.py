@@ -9,7 +9,9 @@ Byte accounting follows nccl-tests (PERFORMANCE.md): for an operation on a buffe
 where the factor is 2(n-1)/n for all-reduce, (n-1)/n for reduce-scatter, all-gather
 and all-to-all (``S`` the full, unsharded buffer), and 1 for broadcast and reduce.
 The bus bandwidth ``busbw = algbw * factor`` is then comparable with the hardware's
-link speed whatever ``n`` is.
+link speed whatever ``n`` is. ``CommMeter`` adds up what our own code sends;
+``CollectiveCounter`` counts, the same way, what torch's DDP, ZeroRedundancyOptimizer
+and FSDP2 send from inside torch.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from time import perf_counter
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from utils.launch import synchronize
 
@@ -130,6 +133,42 @@ def broadcast(tensor, src: int = 0, *, meter: CommMeter | None = None, group=Non
     if meter is not None:
         meter.add("broadcast", nbytes(tensor), _world(group))
     return dist.broadcast(tensor, src=src, group=group)
+
+
+_C10D = {  # torch.ops.c10d op -> (collective, index of the argument with the buffer)
+    "allreduce_": ("all_reduce", 0),
+    "broadcast_": ("broadcast", 0),
+    "_allgather_base_": ("all_gather", 0),  # (output, input): the full output
+    "allgather_into_tensor_coalesced_": ("all_gather", 0),
+    "_reduce_scatter_base_": ("reduce_scatter", 1),  # (output, input): full input
+    "reduce_scatter_tensor_coalesced_": ("reduce_scatter", 1),
+}
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Inside ``with CollectiveCounter(meter):`` every collective adds its bytes.
+
+    Each ``torch.distributed`` collective reaches the dispatcher as a
+    ``torch.ops.c10d`` op (what torch's ``CommDebugMode`` counts), so a dispatch
+    mode sees those issued by DDP's reducer and by FSDP2 too. Sizes are those of
+    the full buffer, as ``utils.comm`` records them; the default group's size
+    is the ``n`` of the bus factor.
+    """
+
+    def __init__(self, meter: CommMeter):
+        super().__init__()
+        self.meter, self.world_size = meter, dist.get_world_size()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        namespace, _, name = func._schema.name.partition("::")
+        if namespace == "c10d" and name in _C10D:
+            op, index = _C10D[name]
+            buffers = args[index]
+            if isinstance(buffers, torch.Tensor):
+                buffers = [buffers]
+            size = sum(t.numel() * t.element_size() for t in buffers)
+            self.meter.add(op, size, self.world_size)
+        return func(*args, **(kwargs or {}))
 
 
 # [ring-all-reduce-start]

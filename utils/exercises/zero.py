@@ -20,13 +20,12 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from utils.comm import CommMeter, bytes_sent
+from utils.comm import CollectiveCounter, CommMeter, bytes_sent
 from utils.exercises import load_function
 from utils.memory_model import model_state_bytes
 from utils.models import MLP, mlp_batch, shard_batch
 from utils.zero import ReplicatedOptimizer
 from utils.zero_flat import FlatLayout
-from utils.zero_torch import CollectiveCounter
 
 __all__ = [
     "MAX_WORLD_SIZE",
