@@ -36,10 +36,9 @@ from utils.cli import (
     LabConfig,
     check_choice,
     check_int,
-    config_from_args,
-    finish,
     lab_parser,
     progress,
+    run_from_cli,
 )
 from utils.comm import CommMeter, all_reduce, nbytes, ring_all_reduce, time_all_reduce
 from utils.ddp import ALLREDUCE, BucketedDDP, NaiveDDP
@@ -324,10 +323,7 @@ def main(argv=None) -> None:
     parser.add_argument("--accum-steps", type=int, default=Config.accum_steps)
     parser.add_argument("--batch-size", type=int, default=Config.batch_size)
     parser.add_argument("--no-memory", dest="track_memory", action="store_false")
-    args = parser.parse_args(argv)
-    cfg = config_from_args(Config, args)
-    reports = run(cfg)
-    finish(reports, args.json)
+    run_from_cli(parser, Config, run, argv)
 
 
 if __name__ == "__main__":

@@ -37,10 +37,9 @@ from utils.cli import (
     LabConfig,
     check_choice,
     check_int,
-    config_from_args,
-    finish,
     format_bytes,
     lab_parser,
+    run_from_cli,
 )
 from utils.comm import CommMeter, all_reduce_mean, time_all_reduce
 from utils.launch import launch, rank_device, synchronize
@@ -288,10 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--max-bytes", type=int, default=defaults.max_bytes, help="largest message")
     add("--warmup", type=int, default=defaults.warmup, help="untimed iterations")
     add("--iters", type=int, default=defaults.iters, help="timed iterations (median)")
-    args = parser.parse_args(argv)
-    cfg = config_from_args(Config, args)
-    reports = run(cfg)
-    finish(reports, args.json)
+    reports, args = run_from_cli(parser, Config, run, argv)
     if int(os.environ.get("RANK", "0")) == 0 and args.json is None:
         print(describe(reports))
 

@@ -40,10 +40,9 @@ from utils.cli import (
     LabConfig,
     check_choice,
     check_int,
-    config_from_args,
-    finish,
     lab_parser,
     progress,
+    run_from_cli,
 )
 from utils.comm import CollectiveCounter, CommMeter
 from utils.launch import launch, rank_device, synchronize
@@ -365,10 +364,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=Config.lr)
     parser.add_argument("--bucket-numel", type=int, default=Config.bucket_numel)
     parser.add_argument("--no-memory", dest="track_memory", action="store_false")
-    args = parser.parse_args(argv)
-    cfg = config_from_args(Config, args)
-    reports = run(cfg)
-    finish(reports, args.json)
+    run_from_cli(parser, Config, run, argv)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,18 @@ def config_from_args(config_cls, args: argparse.Namespace, **overrides):
         sys.exit(f"error: {err}")
 
 
+def run_from_cli(parser: argparse.ArgumentParser, config_cls, run, argv=None):
+    """A lab's ``main``: parse ``argv``, build the Config (bad values exit with its
+    message), run the lab, then write ``--json`` or print the summary.
+
+    Returns ``(reports, args)`` for a lab that prints more.
+    """
+    args = parser.parse_args(argv)
+    reports = run(config_from_args(config_cls, args))
+    finish(reports, args.json)
+    return reports, args
+
+
 def format_bytes(n: float) -> str:
     """1536 -> '1.5 KiB' (binary units, as memory is counted)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
