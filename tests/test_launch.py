@@ -6,12 +6,14 @@ module path. Everything here runs on CPU/gloo; GPU tests skip without CUDA.
 
 import _thread
 import functools
+import glob
 import multiprocessing.forkserver as forkserver
 import multiprocessing.resource_tracker as resource_tracker
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -188,6 +190,13 @@ def test_ranks_die_when_the_caller_is_killed():
         alive = [p for p in alive if _running(p)]
         time.sleep(0.05)
     assert alive == []
+    # The killed caller could not remove its rendezvous folder; the next launch does.
+    left = glob.glob(
+        os.path.join(tempfile.gettempdir(), f"parallelization-launch-{caller.pid}-*")
+    )
+    assert left, "expected the killed caller's rendezvous folder"
+    launch(w.tensor_result, 1, world_size=1, backend="gloo")
+    assert not any(os.path.exists(p) for p in left)
 
 
 def _running(pid: int) -> bool:
@@ -418,10 +427,7 @@ def test_ranks_can_return_tensors():
 
 
 def test_no_rendezvous_folder_outlives_its_job():
-    import glob
-    import tempfile
-
-    pattern = os.path.join(tempfile.gettempdir(), "launch-*")
+    pattern = os.path.join(tempfile.gettempdir(), "parallelization-launch-*")
     before = set(glob.glob(pattern))
     launch(w.tensor_result, 2, world_size=2, backend="gloo")
     with pytest.raises(LaunchError):

@@ -59,7 +59,8 @@ makes a notebook cell that relaunches 4 ranks slow. We use torch.multiprocessing
 *forkserver* context with torch preloaded: a server process imports torch once
 (never touching CUDA, so NCCL ranks start with a clean CUDA state) and each rank is a
 cheap fork of it. Rendezvous goes through a ``torch.distributed.FileStore`` in a
-fresh temporary folder per job (removed when the job ends), so concurrent launches
+fresh temporary folder per job (removed when the job ends, or by the next launch if
+the caller was killed outright), so concurrent launches
 never share a rendezvous and no port is reserved. (A ``TCPStore`` hosted by the
 caller on port 0 was the first design, but about one relaunch in ten then stalled
 for 5 s while a rank's store client connected, when jobs followed each other within
@@ -72,6 +73,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import glob
 import numbers
 import os
 import pickle
@@ -80,6 +82,7 @@ import sys
 import tempfile
 from datetime import timedelta
 
+import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -235,6 +238,21 @@ def _main_is_importable() -> bool:
     return bool(name) and not name.startswith(("ipykernel", "IPython", "__main__"))
 
 
+_RENDEZVOUS = "parallelization-launch-"  # + the caller's pid + a random suffix
+
+
+def _sweep_rendezvous() -> None:
+    """Remove rendezvous folders whose caller is gone.
+
+    A job removes its folder when it ends, unless its caller was killed outright
+    (SIGKILL runs no cleanup); the next launch on the machine removes it then.
+    """
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), _RENDEZVOUS + "*")):
+        pid = os.path.basename(path)[len(_RENDEZVOUS) :].split("-")[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _join_torchrun(fn, args, world_size, backend, timeout) -> list:
     """Run once in this torchrun rank; return all ranks' results."""
     ours = not dist.is_initialized()
@@ -268,7 +286,8 @@ def launch(fn, *args, world_size: int, backend: str = "auto", timeout: float = 6
 
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
-    rendezvous = tempfile.mkdtemp(prefix="launch-")
+    _sweep_rendezvous()
+    rendezvous = tempfile.mkdtemp(prefix=f"{_RENDEZVOUS}{os.getpid()}-")
     out_r, out_w = ctx.Pipe(duplex=False)  # the ranks' stdout, forwarded
     err_r, err_w = ctx.Pipe(duplex=False)  # and stderr
     job_r, job_w = ctx.Pipe(duplex=False)  # ranks exit when we close job_w
