@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,9 +78,16 @@ def torchrun() -> float:
     """Seconds for the same job started by torchrun (the whole command)."""
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     cmd += ["--nproc-per-node", str(WORLD_SIZE), "-m", "bench._launch_worker"]
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, check=True)
-    return time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:  # torchrun leaves torchelastic_* there
+        start = time.perf_counter()
+        subprocess.run(
+            cmd,
+            cwd=ROOT,
+            env={**_env(), "TMPDIR": tmp},
+            capture_output=True,
+            check=True,
+        )
+        return time.perf_counter() - start
 
 
 def main() -> None:

@@ -323,9 +323,10 @@ def test_helpers_outside_a_rank(capsys, monkeypatch):
     assert in_torchrun()
 
 
-def test_under_torchrun_launch_joins_the_existing_world():
+def test_under_torchrun_launch_joins_the_existing_world(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     env["PYTHONPATH"] = str(ROOT)
+    env["TMPDIR"] = str(tmp_path)  # torchrun leaves a torchelastic_* folder there
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
         + ["-m", "tests._launch_workers"],

@@ -74,6 +74,8 @@ from __future__ import annotations
 import atexit
 import functools
 import glob
+import multiprocessing
+import multiprocessing.util
 import numbers
 import os
 import pickle
@@ -253,6 +255,21 @@ def _sweep_rendezvous() -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _own_multiprocessing_tempdir() -> None:
+    """Put multiprocessing's temporary folder (the fork server's socket) under the
+    same pid-named prefix, so that :func:`_sweep_rendezvous` also removes it when
+    the caller was killed (a notebook kernel shut down, a SIGKILL). multiprocessing
+    otherwise leaves a ``pymp-*`` folder behind for every such caller."""
+    config = multiprocessing.current_process()._config
+    if config.get("tempdir") is None:
+        path = tempfile.mkdtemp(prefix=f"{_RENDEZVOUS}{os.getpid()}-mp-")
+        config["tempdir"] = path
+        # What multiprocessing.util.get_temp_dir registers for its own folder.
+        multiprocessing.util.Finalize(
+            None, shutil.rmtree, args=(path, True), exitpriority=-100
+        )
+
+
 def _join_torchrun(fn, args, world_size, backend, timeout) -> list:
     """Run once in this torchrun rank; return all ranks' results."""
     ours = not dist.is_initialized()
@@ -284,6 +301,7 @@ def launch(fn, *args, world_size: int, backend: str = "auto", timeout: float = 6
     kind = "one GPU per rank" if chosen == "nccl" else "CPU processes"
     print(f"launch: {world_size} ranks on {chosen} ({kind}): {why}", flush=True)
 
+    _own_multiprocessing_tempdir()
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     _sweep_rendezvous()
