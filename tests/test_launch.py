@@ -192,7 +192,7 @@ def test_ranks_die_when_the_caller_is_killed():
     assert alive == []
     # The killed caller could not remove its rendezvous folder; the next launch does.
     left = glob.glob(
-        os.path.join(tempfile.gettempdir(), f"parallelization-launch-{caller.pid}-*")
+        os.path.join(tempfile.gettempdir(), f"parlaunch-{caller.pid}-*")
     )
     assert left, "expected the killed caller's rendezvous folder"
     launch(w.tensor_result, 1, world_size=1, backend="gloo")
@@ -428,7 +428,7 @@ def test_ranks_can_return_tensors():
 
 
 def test_no_rendezvous_folder_outlives_its_job():
-    pattern = os.path.join(tempfile.gettempdir(), "parallelization-launch-*")
+    pattern = os.path.join(tempfile.gettempdir(), "parlaunch-*")
     before = set(glob.glob(pattern))
     launch(w.tensor_result, 2, world_size=2, backend="gloo")
     with pytest.raises(LaunchError):

@@ -240,7 +240,7 @@ def _main_is_importable() -> bool:
     return bool(name) and not name.startswith(("ipykernel", "IPython", "__main__"))
 
 
-_RENDEZVOUS = "parallelization-launch-"  # + the caller's pid + a random suffix
+_RENDEZVOUS = "parlaunch-"  # + the caller's pid + a random suffix
 
 
 def _sweep_rendezvous() -> None:
@@ -261,8 +261,12 @@ def _own_multiprocessing_tempdir() -> None:
     the caller was killed (a notebook kernel shut down, a SIGKILL). multiprocessing
     otherwise leaves a ``pymp-*`` folder behind for every such caller."""
     config = multiprocessing.current_process()._config
-    if config.get("tempdir") is None:
-        path = tempfile.mkdtemp(prefix=f"{_RENDEZVOUS}{os.getpid()}-mp-")
+    prefix = f"{_RENDEZVOUS}{os.getpid()}-"
+    # The socket's path, <tempdir>/<prefix>XXXXXXXX/listener-XXXXXXXX, must fit
+    # AF_UNIX's 108 bytes; under a long TMPDIR keep multiprocessing's shorter one.
+    fits = len(tempfile.gettempdir()) + len(prefix) + 27 < 100
+    if config.get("tempdir") is None and fits:
+        path = tempfile.mkdtemp(prefix=prefix)
         config["tempdir"] = path
         # What multiprocessing.util.get_temp_dir registers for its own folder.
         multiprocessing.util.Finalize(
