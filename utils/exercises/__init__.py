@@ -43,3 +43,15 @@ def load_function(path, name: str):
     if not callable(getattr(module, name, None)):
         raise AssertionError(f"{path} defines no function {name!r}")
     return getattr(module, name)
+
+
+def run_in_ranks(rank_fn, path, name: str, *, world_size: int, timeout: float = 60.0):
+    """Load the learner's ``name`` from ``path`` here first (a missing file or a
+    syntax error shows in the notebook, not inside a rank), then run
+    ``rank_fn(str(path), name)`` in ``world_size`` gloo ranks; their results."""
+    from utils.launch import launch
+
+    load_function(path, name)
+    return launch(
+        rank_fn, str(path), name, world_size=world_size, backend="gloo", timeout=timeout
+    )

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from utils.exercises import load_function
+from utils.exercises import load_function, run_in_ranks
 from utils.models import MLP, mlp_batch, shard_batch
 
 SIZES = (16, 32, 8)
@@ -50,12 +50,7 @@ def average_rank(path: str, name: str) -> dict:
 def check_average_gradients(path, name: str = "average_gradients") -> None:
     """Run ``name`` from ``path`` in 2 ranks after a backward; its gradients must
     equal DDP's (the mean over ranks) to 1e-6. Raises AssertionError with a hint."""
-    from utils.launch import launch
-
-    load_function(path, name)  # a syntax error shows here, not inside a rank
-    results = launch(
-        average_rank, str(path), name, world_size=WORLD_SIZE, backend="gloo"
-    )
+    results = run_in_ranks(average_rank, path, name, world_size=WORLD_SIZE)
     for rank, r in enumerate(results):
         if r["missing"]:
             raise AssertionError(f"rank {rank}: a parameter lost its .grad")

@@ -14,12 +14,11 @@ with what was expected when it is not.
 from __future__ import annotations
 
 import traceback
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from utils.exercises import load_function
+from utils.exercises import load_function, run_in_ranks
 from utils.memory_model import model_state_bytes
 
 _COUNTS = (0, 1, 7, 1000, 124_439_808, 7_000_000_000, 175_000_000_000)
@@ -117,18 +116,8 @@ def check_all_reduce(path, name: str = "all_reduce", world_size: int = 4) -> Non
     """Run the function ``name`` of the file ``path`` in ``world_size`` gloo ranks on
     tensors of several shapes (one not divisible by ``world_size``); it must sum
     its argument over the ranks in place, as ``dist.all_reduce`` does."""
-    from utils.launch import launch
-
-    path = Path(path)
-    if not path.is_file():
-        raise AssertionError(f"no file {path}: run the %%writefile cell first")
-    problems = launch(
-        rank_check_all_reduce,
-        str(path),
-        name,
-        world_size=world_size,
-        backend="gloo",
-        timeout=30.0,
+    problems = run_in_ranks(
+        rank_check_all_reduce, path, name, world_size=world_size, timeout=30.0
     )
     wrong = [p for p in problems if p]
     if wrong:

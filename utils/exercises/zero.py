@@ -14,14 +14,13 @@ what was expected when it is not.
 from __future__ import annotations
 
 import traceback
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
 from utils.comm import CollectiveCounter, CommMeter, bytes_sent
-from utils.exercises import load_function
+from utils.exercises import load_function, run_in_ranks
 from utils.memory_model import model_state_bytes
 from utils.models import MLP, mlp_batch, shard_batch
 from utils.zero import ReplicatedOptimizer
@@ -124,18 +123,8 @@ def check_shard_update(path, name: str = "sharded_step", world_size: int = 2) ->
     """Run ``name`` from the file ``path`` as the step of a 2-rank stage-1 training
     of a small MLP; parameters must equal stage 0's, the optimizer must hold only
     the shard's state, and the bytes sent must be stage 1's 2 Psi (N-1)/N."""
-    from utils.launch import launch
-
-    path = Path(path)
-    if not path.is_file():
-        raise AssertionError(f"no file {path}: run the %%writefile cell first")
-    results = launch(
-        rank_check_shard_update,
-        str(path),
-        name,
-        world_size=world_size,
-        backend="gloo",
-        timeout=60.0,
+    results = run_in_ranks(
+        rank_check_shard_update, path, name, world_size=world_size, timeout=60.0
     )
     errors = [r["error"] for r in results if r["error"]]
     if errors:
