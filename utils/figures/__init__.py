@@ -1,1 +1,0 @@
-"""Chapter-specific figures and widgets, one module per chapter, on utils.widgets."""
