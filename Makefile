@@ -25,15 +25,15 @@ $(WIDGETS_JS): $(wildcard utils/html_manager/*.json utils/html_manager/*.sh util
 
 # Execute every chapter (labs on CPU/gloo unless enough GPUs) and write
 # _build/html. Jupyter Book's execution cache makes an unchanged rebuild fast. The
-# cache keys on the chapters' cells only, so when the code they import (labs/,
-# utils/) changes, the cache is dropped: every figure comes from the current code.
-CODE_HASH = $(shell find labs utils -name '*.py' | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16)
+# cache keys on the chapters' cells only, so utils/book_cache.py fingerprints the
+# code each chapter imports (labs/, utils/, followed transitively) and drops only
+# those chapters' cache records and doctrees: every figure comes from the current
+# code, and a change to one chapter's package re-executes that chapter alone.
+BOOK_CACHE = $(PY) -m utils.book_cache --build _build
 book: $(STAMP) $(WIDGETS_JS)
-	@if [ "$$(cat _build/.code-hash 2>/dev/null)" != "$(CODE_HASH)" ]; then \
-		echo "labs/ or utils/ changed: executing every chapter afresh"; \
-		rm -rf _build/.jupyter_cache; fi
+	@$(BOOK_CACHE)
 	$(JB) build . -W -n --keep-going
-	@echo $(CODE_HASH) > _build/.code-hash
+	@$(BOOK_CACHE) --commit
 
 test: $(STAMP)
 	$(PY) -m pytest
