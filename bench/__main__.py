@@ -15,7 +15,7 @@ import time
 
 import bench
 
-ORDER = ["launch", "dp", "zero", "book"]
+ORDER = ["launch", "foundations", "data_parallel", "zero", "book"]
 """Cheap benchmarks first, so a slow one does not hide the others' figures."""
 
 

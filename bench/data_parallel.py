@@ -1,6 +1,7 @@
 """Data parallelism's two figures: what overlap buys, and how fast our ring is.
 
-Run with ``python -m bench dp`` (``make bench`` runs every benchmark). Chapter 1
+Run with ``python -m bench data_parallel`` (``make bench`` runs every benchmark).
+Chapter 1
 ("Data parallelism") explains both.
 
 - Step time, naive against bucketed, at world size 4: ``labs.data_parallel`` with its

@@ -11,8 +11,9 @@ compute/communication timeline measured per rank::
     python -m labs.data_parallel --world-size 4 --impl ddp --accum-steps 2
     torchrun --nproc-per-node 4 -m labs.data_parallel --impl bucketed
 
-``naive`` and ``bucketed`` are ``utils.ddp.NaiveDDP`` / ``BucketedDDP``; ``ddp`` is
-torch's DistributedDataParallel with a comm hook that times its buckets. Timings
+``naive`` and ``bucketed`` are ``utils.data_parallel.ddp.NaiveDDP`` /
+``BucketedDDP``; ``ddp`` is torch's DistributedDataParallel with a comm hook that
+times its buckets. Timings
 (``RankReport.timings``, seconds per step, mean over all steps but the first):
 compute (forward, backward, optimizer step), comm (time with an all-reduce in
 flight), overlap (comm during compute) and exposed_comm (comm - overlap). DDP waits
@@ -24,28 +25,23 @@ from __future__ import annotations
 
 import statistics
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from utils.cli import (
-    LabConfig,
-    check_choice,
-    check_int,
-    lab_parser,
-    progress,
-    run_from_cli,
-)
+from utils import lab
+from utils.checks import check_int, check_number
+from utils.cli import LabConfig, progress, run_from_cli
 from utils.comm import CommMeter, all_reduce, nbytes, ring_all_reduce, time_all_reduce
-from utils.ddp import ALLREDUCE, BucketedDDP, NaiveDDP
-from utils.launch import launch, rank_device, synchronize
+from utils.data_parallel.ddp import ALLREDUCE, BucketedDDP, NaiveDDP
+from utils.launch import launch, rank_device
 from utils.memory import MemoryTracker
 from utils.models import MLP, count_params, mlp_batch, shard_batch
-from utils.report import RankReport
+from utils.report import RankReport, lab_data
 
 IMPLS = ("naive", "bucketed", "ddp")
 
@@ -53,6 +49,9 @@ IMPLS = ("naive", "bucketed", "ddp")
 @dataclass(frozen=True)
 class Config(LabConfig):
     """One data-parallel training run."""
+
+    CHOICES = {**LabConfig.CHOICES, "impl": IMPLS, "allreduce": ALLREDUCE}
+    CLI_HIDDEN = ("return_params",)
 
     steps: int = 4
     """Optimizer steps; timings average all but the first (warm-up) step."""
@@ -77,16 +76,11 @@ class Config(LabConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_int("accum_steps", self.accum_steps)
-        check_int("batch_size", self.batch_size)
-        check_choice("impl", self.impl, IMPLS)
-        check_choice("allreduce", self.allreduce, ALLREDUCE)
+        check_int("accum_steps", self.accum_steps, maximum=4096)
+        check_int("batch_size", self.batch_size, maximum=2**20)
         if self.allreduce == "ring" and self.impl == "ddp":
             raise ValueError("allreduce='ring' needs impl naive or bucketed, not ddp")
-        if isinstance(self.bucket_mb, bool) or not (
-            isinstance(self.bucket_mb, (int, float)) and self.bucket_mb > 0
-        ):
-            raise ValueError(f"bucket_mb must be a number > 0, got {self.bucket_mb!r}")
+        check_number("bucket_mb", self.bucket_mb, minimum=0, maximum=2**20)
         per_step = self.world_size * self.accum_steps
         if self.batch_size % per_step:
             raise ValueError(
@@ -94,10 +88,21 @@ class Config(LabConfig):
                 f"{self.world_size} x accum_steps={self.accum_steps} = {per_step} "
                 "equal micro-batches"
             )
-        if len(self.sizes) < 2 or any(int(s) < 1 for s in self.sizes):
+        if len(self.sizes) < 2:
             raise ValueError(f"sizes must be >= 2 positive ints, got {self.sizes!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        for width in self.sizes:
+            check_int("each of sizes", width, maximum=2**16)
+        check_number("lr", self.lr, minimum=0, maximum=1e6)
+
+    def estimate_bytes(self) -> int:
+        """Per rank: fp32 params, grads, Adam's two states, buckets (16 + 4 B per
+        parameter), plus the batch and twice the activations of this rank's rows."""
+        widths = list(self.sizes)
+        params = sum(a * b + b for a, b in zip(widths, widths[1:]))
+        rows = self.batch_size // self.world_size
+        acts = rows * sum(widths) * 4 * 2
+        data = self.steps * rows * (widths[0] + widths[-1]) * 4
+        return 20 * params + acts + data
 
 
 TINY = Config(steps=3, batch_size=16, sizes=(32, 64, 64, 8), bucket_mb=0.01)
@@ -128,6 +133,31 @@ def wrap(model, cfg: Config, meter: CommMeter, events: list):
 # [wrap-end]
 
 
+@lab_data
+class DataParallelData:
+    """What the data-parallel lab reports besides the common fields."""
+
+    config: dict
+    """The Config, as a dict."""
+    timeline: list = field(default_factory=list)
+    """Per step: measured intervals {"kind": compute|wait|comm, "name", "start",
+    "end"}, seconds from the step's start."""
+    comm_bytes_per_step: list = field(default_factory=list)
+    """Bytes sent per step (as ``RankReport.comm_source`` says)."""
+    comm_by_op: dict = field(default_factory=dict)
+    """Bytes of the last step by operation."""
+    comm_sources: dict = field(default_factory=dict)
+    """For each operation: "counted" (real sends) or "modelled" (bus factor)."""
+    grad_bytes: int = 0
+    """Bytes of one full set of gradients (what the all-reduce averages)."""
+    rows_per_rank: int = 0
+    """Rows of the global batch this rank computed per step."""
+    param_checksum: float = 0.0
+    """Sum of every final parameter (equal on every rank: the replicas agree)."""
+    params: dict | None = None
+    """The final parameters (name -> nested lists) when ``return_params``."""
+
+
 def _timed_allreduce_hook(state, bucket):
     """torch's default DDP hook (average a bucket), plus bytes and timestamps."""
     meter, events = state
@@ -144,25 +174,8 @@ def _timed_allreduce_hook(state, bucket):
     return fut.then(done)
 
 
-class _Clock:
-    """Measured compute intervals, and a memory mark at the end of each phase."""
-
-    def __init__(self, device, mem: MemoryTracker | None):
-        self.device, self.mem, self.events, self.step = device, mem, [], 0
-
-    @contextmanager
-    def __call__(self, phase: str, kind: str = "compute", mark: bool = True):
-        start = time.perf_counter()
-        yield
-        synchronize(self.device)
-        self.events.append({"kind": kind, "name": phase, "start": start})
-        self.events[-1]["end"] = time.perf_counter()
-        if self.mem is not None and mark:
-            self.mem.mark(phase, step=self.step)
-
-
 # [train-step-start]
-def train_step(model, opt, micro_batches, cfg: Config, clock: _Clock) -> float:
+def train_step(model, opt, micro_batches, cfg: Config, clock) -> float:
     """One optimizer step over this rank's micro-batches; returns its local loss."""
     opt.zero_grad(set_to_none=False)  # keep the grads allocated (16 B/param)
     total = 0.0
@@ -198,58 +211,52 @@ def my_share(cfg: Config, step: int, rank: int, n: int, device) -> list[tuple]:
 
 def worker(cfg: Config) -> RankReport:
     """Runs in every rank: build, replicate, train ``cfg.steps`` steps, report."""
-    rank, n = dist.get_rank(), dist.get_world_size()
-    if n != cfg.world_size:
-        cfg = replace(cfg, world_size=n)  # torchrun decides the world size
-    device = rank_device()
+    cfg, rank, n, device = lab.join(cfg)
     meter, comm_events = CommMeter(), []
     model = wrap(MLP(cfg.sizes, seed=cfg.seed).to(device), cfg, meter, comm_events)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     mem = MemoryTracker(device).watch(model.module, opt) if cfg.track_memory else None
-    clock = _Clock(device, mem)
+    clock = lab.PhaseClock(device, mem)
     losses, sent, timeline = [], [], []
     loader = [my_share(cfg, step, rank, n, device) for step in range(cfg.steps)]
     with mem if mem is not None else nullcontext():
         for step in progress(range(cfg.steps), rank=rank, total=cfg.steps):
             micro = loader.pop(0)  # this step's micro-batches; freed after it
-            clock.step, clock.events = step, []
+            clock.new_step(step)
             comm_events.clear()
             meter.reset()
             dist.barrier()  # ranks start the step together: comparable timelines
             t0 = time.perf_counter()
             losses.append(train_step(model, opt, micro, cfg, clock))
+            lab.check_finite(losses[-1], step)
             sent.append(meter.total)
             events = sorted(clock.events + comm_events, key=lambda e: e["start"])
             timeline.append(
                 [{**e, "start": e["start"] - t0, "end": e["end"] - t0} for e in events]
             )
-    global_losses = torch.tensor(losses, dtype=torch.float64)
-    dist.all_reduce(global_losses)  # the global-batch loss: mean of equal shares
     params = {k: v.detach().cpu() for k, v in model.module.state_dict().items()}
-    checksum = float(sum(p.double().sum() for p in params.values()))
     grad_bytes = sum(nbytes(p) for p in model.module.parameters() if p.requires_grad)
-    return RankReport(
-        rank=rank,
-        world_size=n,
-        backend=dist.get_backend(),
-        device=str(device),
+    return lab.rank_report(
+        cfg,
         num_params=count_params(model.module),
-        losses=(global_losses / n).tolist(),
+        losses=lab.global_losses(losses),
         memory=mem.timeline() if mem is not None else [],
         comm_bytes=sent[-1],
+        comm_source=meter.kind,
         timings=split_times(timeline[1:] or timeline),
-        extra={
-            "config": asdict(cfg),
-            "timeline": timeline,
-            "comm_bytes_per_step": sent,
-            "comm_by_op": dict(meter.by_op),
-            "grad_bytes": grad_bytes,
-            "rows_per_rank": cfg.batch_size // n,
-            "param_checksum": checksum,  # equal on every rank: replicas agree
-            "params": {k: v.tolist() for k, v in params.items()}
+        extra=DataParallelData(
+            config=asdict(cfg),
+            timeline=timeline,
+            comm_bytes_per_step=sent,
+            comm_by_op=dict(meter.by_op),
+            comm_sources=dict(meter.source),
+            grad_bytes=grad_bytes,
+            rows_per_rank=cfg.batch_size // n,
+            param_checksum=float(sum(p.double().sum() for p in params.values())),
+            params={k: v.tolist() for k, v in params.items()}
             if cfg.return_params
             else None,
-        },
+        ),
     )
 
 
@@ -292,7 +299,7 @@ def split_times(timeline: list[list[dict]]) -> dict[str, float]:
 
 def run(cfg: Config) -> list[RankReport]:
     """Start ``cfg.world_size`` ranks (or join torchrun's) and collect reports."""
-    return launch(worker, cfg, world_size=cfg.world_size, backend=cfg.backend)
+    return lab.run(worker, cfg)
 
 
 def bandwidth_worker(
@@ -316,14 +323,7 @@ def measure_bandwidth(
 
 
 def main(argv=None) -> None:
-    parser = lab_parser(__doc__, Config())
-    parser.add_argument("--impl", choices=IMPLS, default=Config.impl)
-    parser.add_argument("--allreduce", choices=ALLREDUCE, default=Config.allreduce)
-    parser.add_argument("--bucket-mb", type=float, default=Config.bucket_mb)
-    parser.add_argument("--accum-steps", type=int, default=Config.accum_steps)
-    parser.add_argument("--batch-size", type=int, default=Config.batch_size)
-    parser.add_argument("--no-memory", dest="track_memory", action="store_false")
-    run_from_cli(parser, Config, run, argv)
+    run_from_cli(Config, run, argv)
 
 
 if __name__ == "__main__":

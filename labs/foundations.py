@@ -33,19 +33,14 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from utils.cli import (
-    LabConfig,
-    check_choice,
-    check_int,
-    format_bytes,
-    lab_parser,
-    run_from_cli,
-)
+from utils import lab
+from utils.checks import check_int
+from utils.cli import LabConfig, run_from_cli
 from utils.comm import CommMeter, all_reduce_mean, time_all_reduce
-from utils.launch import launch, rank_device, synchronize
+from utils.launch import synchronize
 from utils.memory import MemoryTracker
 from utils.models import MLP, count_params, mlp_batch, shard_batch
-from utils.report import RankReport
+from utils.report import RankReport, format_bytes, lab_data
 
 PARTS = ("anatomy", "collectives", "busbw")
 COLLECTIVES = ("broadcast", "reduce", "all_reduce", "reduce_scatter", "all_gather")
@@ -54,6 +49,8 @@ COLLECTIVES = ("broadcast", "reduce", "all_reduce", "reduce_scatter", "all_gathe
 @dataclass(frozen=True)
 class Config(LabConfig):
     """What one run of the lab does; validated on construction."""
+
+    CHOICES = {**LabConfig.CHOICES, "part": ("all", *PARTS)}
 
     world_size: int = 4
     """Ranks to start (under torchrun: the world torchrun started)."""
@@ -78,26 +75,36 @@ class Config(LabConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_choice("part", self.part, ("all", *PARTS))
         if len(self.sizes) < 2:
             raise ValueError(f"sizes needs at least 2 widths, got {self.sizes!r}")
         for width in self.sizes:
-            check_int("each of sizes", width)
-        check_int("batch_size", self.batch_size)
+            check_int("each of sizes", width, maximum=2**16)
+        check_int("batch_size", self.batch_size, maximum=2**20)
         if "anatomy" in self.parts and self.batch_size % self.world_size:
             raise ValueError(
                 f"batch_size={self.batch_size} must divide by "
                 f"world_size={self.world_size} (each rank takes an equal share)"
             )
-        check_int("chunk", self.chunk)
+        check_int("chunk", self.chunk, maximum=2**20)
         check_int("min_bytes", self.min_bytes, minimum=4)
         if self.min_bytes % 4:
             raise ValueError(
                 f"min_bytes must be a multiple of 4 (fp32), got {self.min_bytes}"
             )
-        check_int("max_bytes", self.max_bytes, minimum=self.min_bytes)
-        check_int("warmup", self.warmup, minimum=0)
-        check_int("iters", self.iters)
+        check_int("max_bytes", self.max_bytes, minimum=self.min_bytes, maximum=2**31)
+        check_int("warmup", self.warmup, minimum=0, maximum=1000)
+        check_int("iters", self.iters, maximum=10_000)
+
+    def estimate_bytes(self) -> int:
+        """Per rank: 16 B per MLP parameter plus twice its activations and batch
+        share (anatomy), and two buffers of the largest message (busbw)."""
+        widths = list(self.sizes)
+        params = sum(a * b + b for a, b in zip(widths, widths[1:]))
+        rows = self.batch_size // self.world_size
+        anatomy = 16 * params + 2 * 4 * rows * sum(widths)
+        return (anatomy if "anatomy" in self.parts else 0) + (
+            2 * self.max_bytes if "busbw" in self.parts else 0
+        )
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -152,15 +159,15 @@ def anatomy(cfg: Config, report: RankReport, device: torch.device) -> None:
             mem.mark("step", step)  # params + grads + optimizer states: 16 B/param
             synchronize(device)
             step_times.append(perf_counter() - start)
-            global_loss = loss.detach() / world_size  # equal shares: mean of means
-            dist.all_reduce(global_loss)
-            report.losses.append(global_loss.item())
-            del x, y, loss, global_loss
+            report.losses.append(loss.item())  # this rank's; averaged below
+            lab.check_finite(report.losses[-1], step)
+            del x, y, loss
+    report.losses = lab.global_losses(report.losses)  # equal shares: mean of means
     report.num_params = count_params(model)
     report.memory = mem.timeline()
-    report.comm_bytes = meter.total
+    report.comm_bytes, report.comm_source = meter.total, meter.kind
     report.timings["step"] = statistics.median(step_times)
-    report.extra["anatomy"] = {
+    report.extra.anatomy = {
         "sizes": list(cfg.sizes),
         "local_batch": cfg.batch_size // world_size,
         "optimizer": "Adam (fp32)",
@@ -224,46 +231,53 @@ def bus_bandwidth(cfg: Config, device: torch.device) -> list[dict]:
     )
 
 
+@lab_data
+class FoundationsData:
+    """What the foundations lab reports besides the common fields."""
+
+    config: dict
+    """The Config, as a dict."""
+    anatomy: dict | None = None
+    """The anatomy part's model: widths, this rank's batch rows, the optimizer."""
+    collectives: dict | None = None
+    """Per collective: this rank's tensor "before" and "after", and the "root"."""
+    busbw: list | None = None
+    """All-reduce timings per message size (``utils.comm.time_all_reduce`` rows)."""
+
+
 def worker(cfg: Config) -> RankReport:
     """One rank's share of the lab: the parts ``cfg.part`` names, in order."""
-    device = rank_device()
-    report = RankReport(
-        rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
-        backend=dist.get_backend(),
-        device=str(device),
-        num_params=0,
-        extra={"config": asdict(cfg)},
-    )
+    cfg, rank, n, device = lab.join(cfg)
+    report = lab.rank_report(cfg, num_params=0, extra=FoundationsData(asdict(cfg)))
     if "anatomy" in cfg.parts:
         anatomy(cfg, report, device)
     if "collectives" in cfg.parts:
-        report.extra["collectives"] = collectives(cfg, device)
+        report.extra.collectives = collectives(cfg, device)
     if "busbw" in cfg.parts:
-        report.extra["busbw"] = bus_bandwidth(cfg, device)
+        report.extra.busbw = bus_bandwidth(cfg, device)
     return report
 
 
 def run(cfg: Config) -> list[RankReport]:
     """Start ``cfg.world_size`` ranks (or join torchrun's) and run the lab."""
-    return launch(worker, cfg, world_size=cfg.world_size, backend=cfg.backend)
+    return lab.run(worker, cfg)
 
 
 def describe(reports: list[RankReport]) -> str:
     """The collectives' tensors and the bandwidth table, as text (for the CLI)."""
     lines = []
     ordered = sorted(reports, key=lambda r: r.rank)
-    if "collectives" in ordered[0].extra:
+    if ordered[0].extra.collectives:
         for op in COLLECTIVES:
             lines.append(f"{op}:")
             for r in ordered:
-                rec = r.extra["collectives"][op]
+                rec = r.extra.collectives[op]
                 lines.append(f"  rank {r.rank}: {rec['before']} -> {rec['after']}")
-    if "busbw" in ordered[0].extra:
+    if ordered[0].extra.busbw:
         lines.append(
             f"{'size':>10} {'time (us)':>10} {'algbw GB/s':>11} {'busbw GB/s':>11}"
         )
-        for row in ordered[0].extra["busbw"]:
+        for row in ordered[0].extra.busbw:
             lines.append(
                 f"{format_bytes(row['bytes']):>10} {row['time_s'] * 1e6:>10.1f} "
                 f"{row['algbw'] / 1e9:>11.3f} {row['busbw'] / 1e9:>11.3f}"
@@ -271,23 +285,8 @@ def describe(reports: list[RankReport]) -> str:
     return "\n".join(lines)
 
 
-def _sizes(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
-
-
 def main(argv: list[str] | None = None) -> None:
-    defaults = Config()
-    parser = lab_parser(__doc__.splitlines()[0], defaults)
-    add = parser.add_argument
-    add("--part", choices=("all", *PARTS), default=defaults.part, help="what to run")
-    add("--sizes", type=_sizes, default=defaults.sizes, help="MLP widths: 256,1024,256")
-    add("--batch-size", type=int, default=defaults.batch_size, help="global batch")
-    add("--chunk", type=int, default=defaults.chunk, help="collectives: chunk length")
-    add("--min-bytes", type=int, default=defaults.min_bytes, help="smallest message")
-    add("--max-bytes", type=int, default=defaults.max_bytes, help="largest message")
-    add("--warmup", type=int, default=defaults.warmup, help="untimed iterations")
-    add("--iters", type=int, default=defaults.iters, help="timed iterations (median)")
-    reports, args = run_from_cli(parser, Config, run, argv)
+    reports, args = run_from_cli(Config, run, argv)
     if int(os.environ.get("RANK", "0")) == 0 and args.json is None:
         print(describe(reports))
 

@@ -12,8 +12,9 @@ category after every phase, bytes sent per step and step times::
     python -m labs.zero --world-size 2 --stage 1 --impl torch
     torchrun --nproc-per-node 4 -m labs.zero --stage 3 --impl torch
 
-scratch: ``utils.zero`` (ReplicatedOptimizer, ShardedOptimizer, ShardedGradOptimizer)
-and ``utils.zero3.FullyShardedModule``. torch: DistributedDataParallel (stage 0),
+scratch: ``utils.zero.optim`` (ReplicatedOptimizer, ShardedOptimizer,
+ShardedGradOptimizer) and ``utils.zero.fsdp.FullyShardedModule``. torch:
+DistributedDataParallel (stage 0),
 ZeroRedundancyOptimizer over DDP (1), ``fully_shard(reshard_after_forward=False)``
 (2) and ``fully_shard`` (3, FSDP2). Mixed precision is the paper's: bf16 parameters
 and gradients, an fp32 master copy, momentum and variance (2 + 2 + 12 bytes per
@@ -27,31 +28,26 @@ CPU ("cpu backend doesn't support events").
 from __future__ import annotations
 
 import statistics
-import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from utils.cli import (
-    LabConfig,
-    check_choice,
-    check_int,
-    lab_parser,
-    progress,
-    run_from_cli,
-)
+from utils import lab
+from utils.checks import check_int, check_number
+from utils.cli import LabConfig, progress, run_from_cli
 from utils.comm import CollectiveCounter, CommMeter
-from utils.launch import launch, rank_device, synchronize
-from utils.memory import MemoryTracker, model_state_bytes
+from utils.launch import launch
+from utils.memory import MemoryTracker
+from utils.memory_model import model_state_bytes
 from utils.models import GPT, GPTConfig, count_params, gpt_batch, shard_batch
-from utils.report import RankReport
-from utils.zero import ReplicatedOptimizer, ShardedGradOptimizer, ShardedOptimizer
-from utils.zero3 import FullyShardedModule, default_units
-from utils.zero_torch import full_state
+from utils.report import RankReport, lab_data
+from utils.zero.fsdp import FullyShardedModule, default_units
+from utils.zero.optim import ReplicatedOptimizer, ShardedGradOptimizer, ShardedOptimizer
+from utils.zero.torch_impl import full_state
 
 STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "mixed")
@@ -69,6 +65,14 @@ TORCH_STAGES = {
 class Config(LabConfig):
     """One ZeRO training run."""
 
+    CHOICES = {
+        **LabConfig.CHOICES,
+        "stage": STAGES,
+        "precision": PRECISIONS,
+        "impl": IMPLS,
+    }
+    CLI_HIDDEN = ("return_params",)
+
     steps: int = 3
     """Optimizer steps; timings take the median of all but the first."""
     stage: int = 3
@@ -76,7 +80,7 @@ class Config(LabConfig):
     precision: str = "fp32"
     """fp32 (4 + 4 + 8 B/param) or mixed (bf16 + fp32 master: 2 + 2 + 12)."""
     impl: str = "scratch"
-    """scratch: utils.zero / utils.zero3; torch: DDP, ZeroRedundancyOptimizer, FSDP2."""
+    """scratch: utils.zero.optim/fsdp; torch: DDP, ZeroRedundancyOptimizer, FSDP2."""
     d_model: int = 64
     """GPT hidden size (GPTConfig.d_model)."""
     n_layers: int = 4
@@ -94,13 +98,9 @@ class Config(LabConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("d_model", "n_layers", "batch_size"):
-            check_int(name, getattr(self, name))
-        if isinstance(self.stage, bool):
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        check_choice("stage", self.stage, STAGES)
-        check_choice("precision", self.precision, PRECISIONS)
-        check_choice("impl", self.impl, IMPLS)
+        check_int("d_model", self.d_model, maximum=8192)
+        check_int("n_layers", self.n_layers, maximum=256)
+        check_int("batch_size", self.batch_size, maximum=2**16)
         if self.d_model % 4:
             raise ValueError(f"d_model must be a multiple of 4 heads: {self.d_model}")
         if self.batch_size % self.world_size:
@@ -108,17 +108,24 @@ class Config(LabConfig):
                 f"batch_size={self.batch_size} must divide evenly over "
                 f"world_size={self.world_size} ranks"
             )
-        if isinstance(self.bucket_numel, bool) or not (
-            isinstance(self.bucket_numel, int) and self.bucket_numel >= 0
-        ):
-            raise ValueError(f"bucket_numel must be an int >= 0: {self.bucket_numel!r}")
+        check_int("bucket_numel", self.bucket_numel, minimum=0)
         if self.bucket_numel and (self.impl, self.stage) != ("scratch", 2):
             raise ValueError("bucket_numel applies to impl='scratch', stage=2 only")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        check_number("lr", self.lr, minimum=0, maximum=1e6)
 
     def gpt(self) -> GPTConfig:
         return GPTConfig(d_model=self.d_model, n_layers=self.n_layers, n_heads=4)
+
+    def estimate_bytes(self) -> int:
+        """Per rank, unsharded (an upper bound for every stage): 16 B per parameter
+        of model states, a full copy for gathers, and the activations of this
+        rank's sequences (about 34 s h bytes per layer in fp32, Korthikanti et al.
+        2022, plus the logits)."""
+        g = self.gpt()
+        params = 12 * g.n_layers * g.d_model**2 + (g.vocab_size + g.seq_len) * g.d_model
+        rows = self.batch_size // self.world_size
+        acts = rows * g.seq_len * (34 * g.d_model * g.n_layers + 8 * g.vocab_size)
+        return 20 * params + 4 * acts
 
 
 TINY = Config(steps=3, d_model=32, n_layers=2, batch_size=8)
@@ -206,30 +213,39 @@ def apply_torch(model, cfg: Config):
 # [apply-torch-end]
 
 
-class _Phases:
-    """Times each phase of a step (compute only) and marks the memory after it."""
+@lab_data
+class ZeroData:
+    """What the ZeRO lab reports besides the common fields."""
 
-    def __init__(self, device, mem: MemoryTracker | None):
-        self.device, self.mem, self.step, self.seconds = device, mem, None, {}
-
-    @contextmanager
-    def __call__(self, phase: str):
-        start = time.perf_counter()
-        yield
-        synchronize(self.device)
-        self.seconds[phase] = time.perf_counter() - start
-        if self.mem is not None:
-            self.mem.mark(phase, step=self.step)
+    config: dict
+    """The Config, as a dict."""
+    implementation: str = ""
+    """The class (scratch) or torch API (torch) that ran the stage."""
+    predicted: dict = field(default_factory=dict)
+    """``utils.memory_model.model_state_bytes`` for this run, by category."""
+    padding_bytes: int = 0
+    """Bytes of padding the flat shards add (so every rank's shard is equal)."""
+    unit_bytes: dict = field(default_factory=dict)
+    """Stage 3: bytes of each unit's full (gathered) parameters."""
+    bytes_per_element: int = 4
+    """Bytes of one parameter element as communicated (2 in bf16, 4 in fp32)."""
+    comm_bytes_per_step: list = field(default_factory=list)
+    """Bytes sent per step (as ``RankReport.comm_source`` says)."""
+    comm_by_op: dict = field(default_factory=dict)
+    """Bytes of the last step by operation."""
+    comm_sources: dict = field(default_factory=dict)
+    """For each operation: "counted" or "modelled"."""
+    events: list = field(default_factory=list)
+    """Stage 3 (scratch): each gather and free, with the memory by category then."""
+    params: dict | None = None
+    """The final full parameters (name -> flat list) when ``return_params``."""
 
 
 def worker(cfg: Config) -> RankReport:
     """Runs in every rank: build, apply ZeRO, train ``cfg.steps`` steps, report."""
-    rank, n = dist.get_rank(), dist.get_world_size()
-    if n != cfg.world_size:
-        cfg = replace(cfg, world_size=n)  # torchrun decides the world size
-    device = rank_device()
+    cfg, rank, n, device = lab.join(cfg)
     mem = MemoryTracker(device) if cfg.track_memory else None
-    meter, events, clock = CommMeter(), [], _Phases(device, mem)
+    meter, events, clock = CommMeter(), [], lab.PhaseClock(device, mem)
 
     def on_event(event, unit, phase):  # stage 3's gathers and frees, with memory
         if mem is not None and clock.step is not None:
@@ -260,7 +276,7 @@ def worker(cfg: Config) -> RankReport:
             opt.zero_grad()  # here, not after the step: "after the step" has grads
             meter.reset()
             dist.barrier()
-            clock.step = step
+            clock.new_step(step)
             with counter():
                 with clock("forward"), autocast():
                     logits = model(x)
@@ -280,10 +296,9 @@ def worker(cfg: Config) -> RankReport:
                 )
             )
             sent.append(meter.total)
-            losses.append(loss.detach().double())
+            losses.append(loss.item())
+            lab.check_finite(losses[-1], step)
             del logits, loss
-    global_losses = torch.stack(losses).cpu()
-    dist.all_reduce(global_losses)  # the global-batch loss: mean of equal shares
     params = None
     if cfg.return_params:
         params = {
@@ -292,41 +307,40 @@ def worker(cfg: Config) -> RankReport:
         }
     later = times[1:] or times
     sharded = model if cfg.stage == 3 else opt
-    return RankReport(
-        rank=rank,
-        world_size=n,
-        backend=dist.get_backend(),
-        device=str(device),
+    return lab.rank_report(
+        cfg,
         num_params=num_params,
-        losses=(global_losses / n).tolist(),
+        losses=lab.global_losses(losses),
         memory=mem.timeline() if mem is not None else [],
         comm_bytes=sent[-1],
+        comm_source=meter.kind,
         timings={k: statistics.median(t[k] for t in later) for k in later[0]},
-        extra={
-            "config": asdict(cfg),
-            "implementation": TORCH_STAGES[cfg.stage]
+        extra=ZeroData(
+            config=asdict(cfg),
+            implementation=TORCH_STAGES[cfg.stage]
             if cfg.impl == "torch"
             else type(sharded).__name__,
-            "predicted": model_state_bytes(
+            predicted=model_state_bytes(
                 num_params,
                 world_size=n,
                 zero_stage=cfg.stage,
                 mixed_precision=cfg.precision == "mixed",
             ).as_dict(),
-            "padding_bytes": getattr(sharded, "padding_bytes", 0),
-            "unit_bytes": model.unit_bytes() if hasattr(model, "unit_bytes") else {},
-            "bytes_per_element": 2 if cfg.precision == "mixed" and not amp else 4,
-            "comm_bytes_per_step": sent,
-            "comm_by_op": dict(meter.by_op),
-            "events": events,
-            "params": params,
-        },
+            padding_bytes=getattr(sharded, "padding_bytes", 0),
+            unit_bytes=model.unit_bytes() if hasattr(model, "unit_bytes") else {},
+            bytes_per_element=2 if cfg.precision == "mixed" and not amp else 4,
+            comm_bytes_per_step=sent,
+            comm_by_op=dict(meter.by_op),
+            comm_sources=dict(meter.source),
+            events=events,
+            params=params,
+        ),
     )
 
 
 def run(cfg: Config) -> list[RankReport]:
     """Start ``cfg.world_size`` ranks (or join torchrun's) and collect reports."""
-    return launch(worker, cfg, world_size=cfg.world_size, backend=cfg.backend)
+    return lab.run(worker, cfg)
 
 
 def run_many(cfgs: list[Config]) -> list[list[RankReport]]:
@@ -334,6 +348,8 @@ def run_many(cfgs: list[Config]) -> list[list[RankReport]]:
     sizes = {c.world_size for c in cfgs}
     if len(sizes) != 1:
         raise ValueError(f"run_many needs one world size, got {sorted(sizes)}")
+    for cfg in cfgs:
+        lab.check_memory(cfg)
     per_rank = launch(
         worker_many, cfgs, world_size=sizes.pop(), backend=cfgs[0].backend
     )
@@ -346,25 +362,7 @@ def worker_many(cfgs: list[Config]) -> list[RankReport]:
 
 
 def main(argv=None) -> None:
-    parser = lab_parser(__doc__, Config())
-    parser.add_argument(
-        "--stage",
-        type=int,
-        default=Config.stage,
-        help="0: data parallel, 1: + optimizer states sharded, "
-        "2: + gradients, 3: + parameters",
-    )
-    parser.add_argument(
-        "--precision", default=Config.precision, help=f"one of {PRECISIONS}"
-    )
-    parser.add_argument("--impl", default=Config.impl, help=f"one of {IMPLS}")
-    parser.add_argument("--d-model", type=int, default=Config.d_model)
-    parser.add_argument("--n-layers", type=int, default=Config.n_layers)
-    parser.add_argument("--batch-size", type=int, default=Config.batch_size)
-    parser.add_argument("--lr", type=float, default=Config.lr)
-    parser.add_argument("--bucket-numel", type=int, default=Config.bucket_numel)
-    parser.add_argument("--no-memory", dest="track_memory", action="store_false")
-    run_from_cli(parser, Config, run, argv)
+    run_from_cli(Config, run, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from labs.data_parallel import worker
-from utils.ddp import BucketedDDP, NaiveDDP
+from utils.data_parallel.ddp import BucketedDDP, NaiveDDP
 from utils.models import GPT, GPTConfig, gpt_batch, shard_batch
 
 GPT_CFG = GPTConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=1, n_heads=2)

@@ -9,8 +9,8 @@ from torch.nn import functional as F
 
 from labs.zero import Config, build_model, worker
 from utils.models import MLP, gpt_batch, mlp_batch, shard_batch
-from utils.zero import ShardedGradOptimizer, ShardedOptimizer
-from utils.zero3 import FullyShardedModule
+from utils.zero.fsdp import FullyShardedModule
+from utils.zero.optim import ShardedGradOptimizer, ShardedOptimizer
 
 
 def reference(cfg: Config) -> tuple[list[float], dict[str, torch.Tensor]]:

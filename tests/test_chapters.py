@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def toc_files() -> list[str]:
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = [toc["root"]]
-    for entry in toc.get("chapters", []):
-        files.append(entry["file"])
+    for part in toc.get("parts", []):  # the book is grouped in parts
+        files += [entry["file"] for entry in part["chapters"]]
     return files
 
 

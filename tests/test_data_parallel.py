@@ -16,13 +16,13 @@ from torch.nn import functional as F
 from torch.testing import assert_close
 
 import labs.data_parallel as lab
-from tests import _dp_workers as W
+from tests import _data_parallel_workers as W
 from utils.comm import bus_factor
-from utils.exercises import data_parallel as ex
+from utils.data_parallel import exercises as ex
+from utils.data_parallel import figures as figs
 from utils.exercises import exercise_file
-from utils.figures import data_parallel as figs
 from utils.launch import LaunchError, launch
-from utils.memory import model_state_bytes
+from utils.memory_model import model_state_bytes
 from utils.models import MLP, mlp_batch
 
 # ------------------------------------------------------------- pure: validation
@@ -60,6 +60,7 @@ def test_cli_errors_come_before_any_process_starts(argv, monkeypatch, capsys):
         raise AssertionError("a process was started for a bad config")
 
     monkeypatch.setattr(lab, "launch", no_launch)
+    monkeypatch.setattr("utils.lab.launch", no_launch)  # what lab.run calls
     with pytest.raises(SystemExit) as exit_info:
         lab.main(argv)
     assert "error:" in str(exit_info.value)
@@ -128,20 +129,20 @@ def test_every_implementation_matches_one_process_on_the_full_batch(world_size):
                 torch.tensor(ref_losses),
                 msg=lambda m, w=where: f"{w}: losses differ\n{m}",
             )
-            for name, value in r.extra["params"].items():
+            for name, value in r.extra.params.items():
                 assert_close(torch.tensor(value), ref_params[name], msg=where)
             # Ring all-reduce accounting (nccl-tests busbw): 2(N-1)/N x grad bytes.
-            grad_bytes = r.extra["grad_bytes"]
+            grad_bytes = r.extra.grad_bytes
             assert grad_bytes == 4 * r.num_params
             expected = bus_factor("all_reduce", world_size) * grad_bytes
-            assert r.extra["comm_bytes_per_step"] == [expected] * base.steps, where
+            assert r.extra.comm_bytes_per_step == [expected] * base.steps, where
             # Memory after the step: the full replica on every rank, 16 B/param.
             after = [e for e in r.memory if e["phase"] == "step"][-1]["current"]
             states = after["params"] + after["grads"] + after["optimizer"]
             assert states == pytest.approx(expected_state, rel=0.01), where
             assert after["grads"] == grad_bytes, where
-            assert r.extra["rows_per_rank"] == base.batch_size // world_size
-        checksums = {r.extra["param_checksum"] for r in reports}
+            assert r.extra.rows_per_rank == base.batch_size // world_size
+        checksums = {r.extra.param_checksum for r in reports}
         assert len(checksums) == 1, f"{variant}: replicas diverged {checksums}"
 
 
@@ -157,13 +158,13 @@ def naive_and_bucketed():
 def test_bucketed_overlaps_backward_and_naive_does_not(naive_and_bucketed):
     for r in naive_and_bucketed["naive"]:
         assert r.timings["overlap"] == 0.0
-        comm = [e for e in r.extra["timeline"][-1] if e["kind"] == "comm"]
-        backward = [e for e in r.extra["timeline"][-1] if e["name"] == "backward"]
+        comm = [e for e in r.extra.timeline[-1] if e["kind"] == "comm"]
+        backward = [e for e in r.extra.timeline[-1] if e["name"] == "backward"]
         assert len(comm) == 6  # one all-reduce per parameter tensor
         assert min(e["start"] for e in comm) >= backward[-1]["end"]
     for r in naive_and_bucketed["bucketed"]:
-        comm = [e for e in r.extra["timeline"][-1] if e["kind"] == "comm"]
-        backward = [e for e in r.extra["timeline"][-1] if e["name"] == "backward"][0]
+        comm = [e for e in r.extra.timeline[-1] if e["kind"] == "comm"]
+        backward = [e for e in r.extra.timeline[-1] if e["name"] == "backward"][0]
         assert len(comm) >= 2  # several buckets
         # The first bucket is launched before backward has finished.
         assert min(e["start"] for e in comm) < backward["end"]
@@ -337,5 +338,5 @@ def test_lab_on_gpus_matches_one_process():
             assert_close(
                 torch.tensor(r.losses, dtype=torch.float32), torch.tensor(ref_losses)
             )
-            for name, value in r.extra["params"].items():
+            for name, value in r.extra.params.items():
                 assert_close(torch.tensor(value), ref_params[name])

@@ -14,10 +14,11 @@ import torch
 from torch.nn import functional as F
 
 from labs import foundations as lab
-from utils.comm import bus_factor, bytes_sent
-from utils.exercises import foundations as ex
-from utils.figures import foundations as fig
-from utils.memory import model_state_bytes
+from utils.comm import alpha_beta_time, bus_factor, bytes_sent, fit_alpha_beta
+from utils.foundations import exercises as ex
+from utils.foundations import figures as fig
+from utils.hardware import ACCELERATORS, GB
+from utils.memory_model import model_state_bytes
 from utils.models import MLP, mlp_batch
 
 # --------------------------------------------------------------------- config
@@ -127,7 +128,7 @@ def test_busbw_is_positive_and_uses_the_all_reduce_factor(reports):
         factor = 2 * (cfg.world_size - 1) / cfg.world_size
         assert row["busbw"] == pytest.approx(row["algbw"] * factor)
     # every rank reports the same (slowest-rank) times
-    assert all(r.extra["busbw"] == rs[0].extra["busbw"] for r in rs)
+    assert all(r.extra.busbw == rs[0].extra.busbw for r in rs)
 
 
 def test_anatomy_model_states_match_the_analytic_model(reports):
@@ -193,17 +194,17 @@ def test_state_bytes_per_device_follows_model_state_bytes():
 
 def test_fits_table_compares_need_with_vendor_memory():
     rows = fig.fits_table(7_000_000_000, "mixed-16")
-    assert {r["name"] for r in rows} == {a.name for a in fig.ACCELERATORS}
+    assert {r["name"] for r in rows} == {a.name for a in ACCELERATORS}
     for row in rows:
         assert row["need_bytes"] == 16 * 7_000_000_000
         assert row["fits"] == (row["need_bytes"] <= row["memory_bytes"])
         assert row["fits"] == (row["devices_needed"] == 1)
     assert {r["name"] for r in rows if r["fits"]} == {"H200", "MI300X"}  # 112 GB
-    assert all(a.source.startswith("https://") for a in fig.ACCELERATORS)
+    assert all(a.source.startswith("https://") for a in ACCELERATORS)
 
 
 def test_min_devices_is_the_smallest_that_fits():
-    n, memory = 70_000_000_000, 80 * fig.GB
+    n, memory = 70_000_000_000, 80 * GB
     k = fig.min_devices(n, memory)
     assert sum(fig.state_bytes_per_device(n, "mixed-16", k).values()) <= memory
     assert sum(fig.state_bytes_per_device(n, "mixed-16", k - 1).values()) > memory
@@ -212,16 +213,16 @@ def test_min_devices_is_the_smallest_that_fits():
 def test_fit_alpha_beta_recovers_a_synthetic_link():
     alpha, beta, n = 20e-6, 1 / 5e9, 4
     sizes = [2**k for k in range(10, 26, 2)]
-    times = [fig.alpha_beta_time(s, n, alpha, beta) for s in sizes]
-    a, b = fig.fit_alpha_beta(sizes, times, n)
+    times = [alpha_beta_time(s, n, alpha, beta) for s in sizes]
+    a, b = fit_alpha_beta(sizes, times, n)
     assert a == pytest.approx(alpha, rel=1e-6)
     assert b == pytest.approx(beta, rel=1e-6)
     # a ring all-reduce moves 2(n-1)/n of the data per rank: the busbw factor
-    assert fig.alpha_beta_time(1e9, n, 0, beta) == pytest.approx(
+    assert alpha_beta_time(1e9, n, 0, beta) == pytest.approx(
         bus_factor("all_reduce", n) * 1e9 * beta
     )
     with pytest.raises(ValueError):
-        fig.fit_alpha_beta(sizes, times, 1)
+        fit_alpha_beta(sizes, times, 1)
 
 
 def test_value_origins_names_single_sources_and_sums():

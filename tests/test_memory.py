@@ -16,19 +16,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from utils.memory import (
+from utils.memory import MemoryTracker, tensor_bytes
+from utils.memory_model import (
     BYTES_PER_PARAM_CONVENTIONS,
-    CATEGORIES,
     PAPER_EXAMPLES,
-    MemoryTracker,
     convention_state_bytes,
     mlp_activation_bytes,
     model_state_bytes,
     paper_examples,
     shard_numel,
-    tensor_bytes,
     transformer_activation_bytes,
 )
+from utils.report import CATEGORIES
 
 # Importing torch.distributed.optim warns about torch.jit; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")

@@ -14,7 +14,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from utils import plots
-from utils.report import CATEGORIES, RankReport
+from utils.report import CATEGORIES, RankReport, format_bytes
 from utils.widgets import (
     InteractiveFigure,
     figure_output,
@@ -54,12 +54,12 @@ class StateBytes:  # the shape of utils.memory.ModelStateBytes
 
 
 def test_format_bytes_uses_binary_units():
-    assert plots.format_bytes(0) == "0 B"
-    assert plots.format_bytes(1023) == "1023 B"
-    assert plots.format_bytes(1536) == "1.5 KiB"
-    assert plots.format_bytes(3 * 1024**3) == "3.0 GiB"
-    assert plots.format_bytes(-2 * MiB) == "-2.0 MiB"
-    assert plots.format_bytes(5 * 1024**6) == "5120.0 PiB"
+    assert format_bytes(0) == "0 B"
+    assert format_bytes(1023) == "1023 B"
+    assert format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(3 * 1024**3) == "3.0 GiB"
+    assert format_bytes(-2 * MiB) == "-2.0 MiB"
+    assert format_bytes(5 * 1024**6) == "5120.0 PiB"
     assert plots.byte_scale(500) == (1, "B")
     assert plots.byte_scale(3 * MiB) == (MiB, "MiB")
 

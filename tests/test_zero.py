@@ -16,11 +16,11 @@ import labs.zero as lab
 from labs.zero import IMPLS, PRECISIONS, STAGES, TINY, Config
 from tests import _zero_workers
 from utils.comm import bytes_sent
-from utils.exercises import zero as exercises
-from utils.figures import zero as figures
+from utils.flat import FlatLayout
 from utils.launch import launch
-from utils.memory import model_state_bytes
-from utils.zero_flat import FlatLayout
+from utils.memory_model import model_state_bytes
+from utils.zero import exercises as exercises
+from utils.zero import figures as figures
 
 CONFIGS = [
     replace(TINY, stage=s, precision=p, impl=i, return_params=True)
@@ -58,7 +58,7 @@ def single_process():
 
 
 def _params(report) -> dict[str, torch.Tensor]:
-    return {k: torch.tensor(v) for k, v in report.extra["params"].items()}
+    return {k: torch.tensor(v) for k, v in report.extra.params.items()}
 
 
 # ------------------------------------------------------------------ equivalence
@@ -131,7 +131,7 @@ def test_state_bytes_per_rank_match_the_formula(results):
         for r in ranks:
             after = [m for m in r.memory if m["phase"] == "step"][-1]["current"]
             for cat in STATE:
-                slack = 0.01 * want[cat] + r.extra["padding_bytes"]
+                slack = 0.01 * want[cat] + r.extra.padding_bytes
                 assert abs(after[cat] - want[cat]) <= slack, (stage, prec, impl, cat)
 
 
@@ -142,7 +142,7 @@ def test_fsdp2_mixed_states_total_16_bytes_over_n(results):
         want = model_state_bytes(r.num_params, world_size=n, zero_stage=3).total
         assert abs(sum(after[c] for c in STATE) - want) <= 0.01 * want
         assert after["params"] == pytest.approx(
-            2 * r.extra["predicted"]["params"], rel=0.01
+            2 * r.extra.predicted["params"], rel=0.01
         )  # fp32 shards
 
 
@@ -152,10 +152,10 @@ def test_bytes_sent_per_step(results):
         if impl == "torch" and stage == 1:
             continue  # DDP's all-reduce plus ZeroRedundancyOptimizer's broadcasts
         r = ranks[0]
-        psi_bytes = r.num_params * r.extra["bytes_per_element"]
+        psi_bytes = r.num_params * r.extra.bytes_per_element
         factor = 3 if stage == 3 else 2  # all-reduce = reduce-scatter + all-gather
         want = factor * bytes_sent("reduce_scatter", psi_bytes, n)
-        for sent in r.extra["comm_bytes_per_step"]:
+        for sent in r.extra.comm_bytes_per_step:
             assert abs(sent - want) <= 0.01 * want, (stage, prec, impl)
 
 
@@ -163,12 +163,12 @@ def test_stage3_holds_one_layer_at_a_time_in_forward(results):
     n, reports, _ = results
     for prec in PRECISIONS:
         for r in reports[(3, prec, "scratch")]:
-            units = r.extra["unit_bytes"]
-            elem = r.extra["bytes_per_element"]
+            units = r.extra.unit_bytes
+            elem = r.extra.bytes_per_element
             shards = sum(-(-b // elem // n) * elem for b in units.values())
             forward = [
                 e["current"]["params"]
-                for e in r.extra["events"]
+                for e in r.extra.events
                 if e["phase"] == "forward"
             ]
             layer = max(b for name, b in units.items() if name != "root")
@@ -177,7 +177,7 @@ def test_stage3_holds_one_layer_at_a_time_in_forward(results):
             assert max(forward) == shards + units["root"] + layer
             assert max(forward) < shards + sum(units.values())
             kinds = [
-                (e["event"], e["phase"]) for e in r.extra["events"] if e["step"] == 0
+                (e["event"], e["phase"]) for e in r.extra.events if e["step"] == 0
             ]
             assert kinds.count(("gather", "forward")) == len(units)
             assert kinds.count(("gather", "backward")) == len(units)
@@ -227,6 +227,7 @@ def test_cli_error_comes_before_any_process(monkeypatch, capsys):
         raise AssertionError("launch must not be called")
 
     monkeypatch.setattr(lab, "launch", no_launch)
+    monkeypatch.setattr("utils.lab.launch", no_launch)  # what lab.run calls
     with pytest.raises(SystemExit) as err:
         lab.main(["--stage", "5"])
     assert "stage must be one of (0, 1, 2, 3), got 5" in str(err.value)

@@ -2,28 +2,43 @@
 
 Introduced in chapter 0 ("Why one device is not enough", the collectives and their
 alpha-beta cost) and chapter 1 ("Data parallelism", the ring all-reduce). ZeRO
-(chapter 2) uses the reduce-scatter and all-gather helpers.
+(chapter 2) uses the reduce-scatter and all-gather helpers; tensor and pipeline
+parallelism run them on subgroups (``group=``), so every figure takes ``n`` from the
+group the collective ran on, never from the default group.
 
-Byte accounting follows nccl-tests (PERFORMANCE.md): for an operation on a buffer of
-``S`` bytes over ``n`` ranks, each rank moves ``factor * S`` bytes through its link,
-where the factor is 2(n-1)/n for all-reduce, (n-1)/n for reduce-scatter, all-gather
-and all-to-all (``S`` the full, unsharded buffer), and 1 for broadcast and reduce.
-The bus bandwidth ``busbw = algbw * factor`` is then comparable with the hardware's
-link speed whatever ``n`` is. ``CommMeter`` adds up what our own code sends;
-``CollectiveCounter`` counts, the same way, what torch's DDP, ZeroRedundancyOptimizer
-and FSDP2 send from inside torch.
+Two kinds of byte figure, and every figure in the course says which it is:
+
+counted
+    bytes really handed to the transport: the sends that the course's own
+    point-to-point code makes (``ring_all_reduce``, pipeline send/recv), added up by
+    :meth:`CommMeter.count`; or what the kernel's TCP counters saw leave a gloo
+    rank's sockets (``utils.wire``).
+modelled
+    nccl-tests' accounting (PERFORMANCE.md): for an operation on a buffer of ``S``
+    bytes over ``n`` ranks, each rank moves ``factor * S`` bytes through its link,
+    with the factor 2(n-1)/n for all-reduce, (n-1)/n for reduce-scatter, all-gather
+    and all-to-all (``S`` the full, unsharded buffer), and 1 for broadcast and
+    reduce. It describes a bandwidth-optimal algorithm, whichever one the backend
+    runs (NCCL picks ring, tree, NVLS or CollNet by size and topology; nccl-tests'
+    point is that busbw = algbw x factor is comparable with the link speed whatever
+    the algorithm). :meth:`CommMeter.add` records it; ``CollectiveCounter`` records it
+    for the collectives torch's DDP, ZeroRedundancyOptimizer and FSDP2 issue.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from time import perf_counter
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import ProcessGroup
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from utils.checks import check_int
 from utils.launch import synchronize
 
 _FACTORS = {
@@ -35,19 +50,19 @@ _FACTORS = {
     "reduce": lambda n: 1.0,
 }
 COLLECTIVES = tuple(_FACTORS)
+SOURCES = ("counted", "modelled")
 
 
 def bus_factor(op: str, world_size: int) -> float:
     """nccl-tests' busbw/algbw factor for ``op`` over ``world_size`` ranks."""
     if op not in _FACTORS:
         raise ValueError(f"unknown collective {op!r}; expected one of {COLLECTIVES}")
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    check_int("world_size", world_size)
     return _FACTORS[op](world_size)
 
 
 def bytes_sent(op: str, nbytes: int, world_size: int) -> int:
-    """Bytes one rank sends for ``op`` on an ``nbytes`` buffer (ring algorithms)."""
+    """Modelled bytes one rank sends for ``op`` on an ``nbytes`` buffer."""
     return round(bus_factor(op, world_size) * nbytes)
 
 
@@ -55,25 +70,62 @@ def nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def group_size(group=None) -> int:
+    """Ranks in ``group`` (None: the default group)."""
+    return dist.get_world_size(group)
+
+
 class CommMeter:
-    """Counts the bytes this rank sends, by operation (reset it every step)."""
+    """The bytes this rank sends, by operation, each counted or modelled.
+
+    ``by_op[op]`` holds the bytes; ``source[op]`` says how they were obtained.
+    Reset it every step.
+    """
 
     def __init__(self):
         self.by_op: dict[str, int] = defaultdict(int)
+        self.source: dict[str, str] = {}
+        self.calls: dict[str, int] = defaultdict(int)
 
-    def add(self, op: str, buffer_bytes: int, world_size: int) -> None:
-        self.by_op[op] += bytes_sent(op, buffer_bytes, world_size)
+    def _add(self, op: str, nbytes: int, source: str) -> None:
+        if self.source.setdefault(op, source) != source:
+            raise ValueError(f"{op!r} is recorded as {self.source[op]}, not {source}")
+        self.by_op[op] += int(nbytes)
+        self.calls[op] += 1
+
+    def add(self, op: str, buffer_bytes: int, group=None, *, label=None) -> None:
+        """Record ``op`` on a buffer of ``buffer_bytes`` over ``group``: modelled.
+        ``label`` files it under another name (DDP's "used_map" all-reduce)."""
+        self.add_modelled(op, buffer_bytes, group_size(group), label=label)
+
+    def add_modelled(self, op: str, buffer_bytes: int, n: int, *, label=None) -> None:
+        """Record ``op`` over ``n`` ranks (the size of the group it ran on)."""
+        self._add(label or op, bytes_sent(op, buffer_bytes, n), "modelled")
+
+    def count(self, op: str, nbytes: int) -> None:
+        """Record ``nbytes`` this rank really sent: counted."""
+        self._add(op, nbytes, "counted")
 
     @property
     def total(self) -> int:
         return sum(self.by_op.values())
 
+    def total_of(self, source: str) -> int:
+        """Bytes of one kind: "counted" or "modelled"."""
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        return sum(b for op, b in self.by_op.items() if self.source[op] == source)
+
+    @property
+    def kind(self) -> str:
+        """ "counted", "modelled", "counted+modelled", or "none" when empty."""
+        kinds = sorted(set(self.source.values()))
+        return "+".join(kinds) if kinds else "none"
+
     def reset(self) -> None:
         self.by_op.clear()
-
-
-def _world(group) -> int:
-    return dist.get_world_size(group)
+        self.source.clear()
+        self.calls.clear()
 
 
 def all_reduce(
@@ -86,7 +138,7 @@ def all_reduce(
 ):
     """``dist.all_reduce`` that records its bytes on ``meter``."""
     if meter is not None:
-        meter.add("all_reduce", nbytes(tensor), _world(group))
+        meter.add("all_reduce", nbytes(tensor), group)
     return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
 
 
@@ -96,7 +148,7 @@ def all_reduce_mean(tensors, *, meter: CommMeter | None = None, group=None) -> N
     The gradient-averaging step of data parallelism (Li et al., "PyTorch
     Distributed: Experiences on Accelerating Data Parallel Training", VLDB 2020).
     """
-    n = _world(group)
+    n = group_size(group)
     for t in tensors:
         all_reduce(t, meter=meter, group=group)
         t.div_(n)
@@ -113,7 +165,7 @@ def reduce_scatter(
 ):
     """Sum ``input`` (n equal chunks) over ranks; rank r keeps chunk r in ``output``."""
     if meter is not None:
-        meter.add("reduce_scatter", nbytes(input), _world(group))
+        meter.add("reduce_scatter", nbytes(input), group)
     return dist.reduce_scatter_single(
         output, input, op=op, group=group, async_op=async_op
     )
@@ -124,15 +176,28 @@ def all_gather(
 ):
     """Concatenate every rank's ``input`` into ``output`` (n times larger)."""
     if meter is not None:
-        meter.add("all_gather", nbytes(output), _world(group))
+        meter.add("all_gather", nbytes(output), group)
     return dist.all_gather_single(output, input, group=group, async_op=async_op)
 
 
 def broadcast(tensor, src: int = 0, *, meter: CommMeter | None = None, group=None):
-    """Copy ``src``'s tensor to every rank."""
+    """Copy ``src``'s tensor (``src`` a global rank) to every rank of ``group``."""
     if meter is not None:
-        meter.add("broadcast", nbytes(tensor), _world(group))
+        meter.add("broadcast", nbytes(tensor), group)
     return dist.broadcast(tensor, src=src, group=group)
+
+
+@torch.no_grad()
+def broadcast_from_first_rank(tensors, *, group=None, meter=None) -> None:
+    """Give every rank of ``group`` the first rank's values of ``tensors``, in place.
+
+    How a data-parallel wrapper makes the replicas start equal (DDP broadcasts
+    rank 0's parameters and buffers at construction). Shared tensors (tied
+    weights) go once.
+    """
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    for t in {id(t): t for t in tensors}.values():
+        broadcast(t.data, src, meter=meter, group=group)
 
 
 _C10D = {  # torch.ops.c10d op -> (collective, index of the argument with the buffer)
@@ -145,21 +210,32 @@ _C10D = {  # torch.ops.c10d op -> (collective, index of the argument with the bu
 }
 
 
+def _group_of(func, args, kwargs) -> int:
+    """The size of the process group a c10d op runs on (its ``process_group``)."""
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.name == "process_group":
+            value = args[i] if i < len(args) else kwargs[arg.name]
+            return ProcessGroup.unbox(value).size()
+    raise ValueError(f"{func._schema.name} has no process_group argument")
+
+
 class CollectiveCounter(TorchDispatchMode):
     """Inside ``with CollectiveCounter(meter):`` every collective adds its bytes.
 
     Each ``torch.distributed`` collective reaches the dispatcher as a
     ``torch.ops.c10d`` op (what torch's ``CommDebugMode`` counts), so a dispatch
     mode sees those issued by DDP's reducer and by FSDP2 too. Sizes are those of
-    the full buffer, as ``utils.comm`` records them; the default group's size
-    is the ``n`` of the bus factor.
+    the full buffer, as ``utils.comm`` records them, and ``n`` in the bus factor is
+    the size of the group the op ran on (read from its ``process_group``
+    argument): the figures are modelled, like :meth:`CommMeter.add`'s.
     """
 
     def __init__(self, meter: CommMeter):
         super().__init__()
-        self.meter, self.world_size = meter, dist.get_world_size()
+        self.meter = meter
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         namespace, _, name = func._schema.name.partition("::")
         if namespace == "c10d" and name in _C10D:
             op, index = _C10D[name]
@@ -167,8 +243,8 @@ class CollectiveCounter(TorchDispatchMode):
             if isinstance(buffers, torch.Tensor):
                 buffers = [buffers]
             size = sum(t.numel() * t.element_size() for t in buffers)
-            self.meter.add(op, size, self.world_size)
-        return func(*args, **(kwargs or {}))
+            self.meter.add_modelled(op, size, _group_of(func, args, kwargs))
+        return func(*args, **kwargs)
 
 
 # [ring-all-reduce-start]
@@ -178,14 +254,16 @@ def ring_all_reduce(
     """Sum ``tensor`` over all ranks in place with a ring of point-to-point messages.
 
     The bandwidth-optimal algorithm of Patarasuk and Yuan, "Bandwidth optimal
-    all-reduce algorithms for clusters of workstations" (JPDC 2009), the one NCCL
-    uses for large messages. The buffer is cut into n chunks. In the reduce-scatter
+    all-reduce algorithms for clusters of workstations" (JPDC 2009), one of the
+    algorithms NCCL chooses from (with tree, NVLS and CollNet). The buffer is cut
+    into n chunks. In the reduce-scatter
     phase (n-1 steps) every rank sends one chunk to its right neighbour and adds
     the chunk it receives from its left one; afterwards rank r owns the full sum of
     chunk (r+1) mod n. In the all-gather phase (n-1 more steps) the finished chunks
-    travel once more around the ring. Each rank sends 2(n-1)/n of the buffer.
+    travel once more around the ring. Each rank sends 2(n-1)/n of the buffer,
+    counted send by send on ``meter`` (as "ring_all_reduce").
     """
-    n = _world(group)
+    n = group_size(group)
     if n == 1:
         return tensor
     rank = dist.get_rank(group)
@@ -205,7 +283,7 @@ def ring_all_reduce(
         for req in dist.batch_isend_irecv(ops):
             req.wait()
         if meter is not None:
-            meter.by_op["ring_all_reduce"] += nbytes(chunks[send_idx])
+            meter.count("ring_all_reduce", nbytes(chunks[send_idx]))
 
     for step in range(n - 1):  # reduce-scatter: accumulate partial sums
         idx = (rank - step - 1) % n
@@ -270,3 +348,34 @@ def time_all_reduce(
 
 
 # [busbw-end]
+
+
+def fit_alpha_beta(
+    sizes: Sequence[float], times: Sequence[float], world_size: int
+) -> tuple[float, float]:
+    """Fit ring all-reduce's alpha-beta model to measured times (chapter 0).
+
+    Model: t(S) = 2(N-1) alpha + 2(N-1)/N * S * beta, with alpha the latency of one
+    message (s) and beta the time per byte (s/B), so 1/beta is the link bandwidth
+    (Thakur, Rabenseifner and Gropp, "Optimization of Collective Communication
+    Operations in MPICH", IJHPCA 2005). Least squares on relative error (times span
+    orders of magnitude). Returns (alpha, beta); a negative intercept or slope is
+    clipped to zero.
+    """
+    check_int("world_size", world_size, minimum=2)
+    s = np.asarray(sizes, dtype=float)
+    t = np.asarray(times, dtype=float)
+    if s.shape != t.shape or s.size < 2:
+        raise ValueError("need at least two (size, time) pairs of equal length")
+    if np.any(t <= 0):
+        raise ValueError("times must be positive")
+    design = np.stack([np.ones_like(s), s], axis=1) / t[:, None]
+    (a, b), *_ = np.linalg.lstsq(design, np.ones_like(t), rcond=None)
+    n = world_size
+    return max(a, 0.0) / (2 * (n - 1)), max(b, 0.0) / (2 * (n - 1) / n)
+
+
+def alpha_beta_time(size: float, world_size: int, alpha: float, beta: float) -> float:
+    """Ring all-reduce time for ``size`` bytes in the alpha-beta model."""
+    n = world_size
+    return 2 * (n - 1) * alpha + 2 * (n - 1) / n * size * beta

@@ -1,6 +1,6 @@
 """Flat, padded buffers: how ZeRO lays parameters out to shard them evenly.
 
-Part of chapter 2 ("ZeRO"); used by ``utils.zero`` (stages 0-2) and ``utils.zero3``
+Part of chapter 2 ("ZeRO"); used by ``utils.zero`` (stages 0-2) and ``utils.zero.fsdp``
 (stage 3). Tensors are copied end to end into one flat buffer, padded with zeros
 until it divides by the number of shards N, so every rank owns exactly
 ``ceil(numel / N)`` elements (the last rank's shard ends in padding), and a

@@ -2,8 +2,7 @@
 
 Introduced in chapter 0 ("Why one device is not enough"); every lab records its
 timeline with it, and the ZeRO chapter compares it with the stages' formulas. The
-analytic side lives in ``utils.memory_model`` and is re-exported here, so
-``from utils.memory import model_state_bytes, MemoryTracker`` both work.
+analytic side lives in ``utils.memory_model`` (import the formulas from there).
 
 Inside a rank::
 
@@ -88,11 +87,9 @@ from torch.utils._python_dispatch import (
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from utils.memory_model import *  # noqa: F403  (re-exported on purpose)
-from utils.memory_model import __all__ as _model_all
 from utils.report import CATEGORIES
 
-__all__ = ["CATEGORIES", "MemoryTracker", "tensor_bytes", *_model_all]
+__all__ = ["MemoryTracker", "tensor_bytes"]
 
 _CUDA_BLOCK = 512  # the caching allocator's smallest block, in bytes
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 
+from utils.checks import check_bool, check_int
+
 __all__ = [
     "BYTES_PER_PARAM_CONVENTIONS",
     "PAPER_EXAMPLES",
@@ -40,31 +42,14 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------- checks
-def _check_int(name: str, value, *, minimum: int) -> int:
-    """``value`` as an int >= minimum, or a ValueError that names it (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(
-            f"{name} must be an integer >= {minimum}, got {value!r} "
-            f"({type(value).__name__})"
-        )
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return value
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
 def _check_stage(zero_stage) -> int:
-    if isinstance(zero_stage, bool) or not isinstance(zero_stage, int):
+    if (
+        not isinstance(zero_stage, int)
+        or isinstance(zero_stage, bool)
+        or not (0 <= zero_stage <= 3)
+    ):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
-    return zero_stage
+    return int(zero_stage)
 
 
 def shard_numel(num_params: int, world_size: int) -> int:
@@ -74,8 +59,8 @@ def shard_numel(num_params: int, world_size: int) -> int:
     by ``world_size`` (what the course's from-scratch ZeRO and torch's FSDP2 do), so
     every rank holds the same number of elements, the last ones partly padding.
     """
-    _check_int("num_params", num_params, minimum=0)
-    _check_int("world_size", world_size, minimum=1)
+    check_int("num_params", num_params, minimum=0)
+    check_int("world_size", world_size, minimum=1)
     return -(-num_params // world_size)
 
 
@@ -246,8 +231,8 @@ def convention_state_bytes(
         raise ValueError(
             f"convention must be a name or a Convention, got {convention!r}"
         )
-    _check_int("num_params", num_params, minimum=0)
-    _check_int("world_size", world_size, minimum=1)
+    check_int("num_params", num_params, minimum=0)
+    check_int("world_size", world_size, minimum=1)
     _check_stage(zero_stage)
     shard = shard_numel(num_params, world_size)
     out = {"params": 0, "grads": 0, "optimizer": 0}
@@ -283,7 +268,7 @@ def model_state_bytes(
     bytes a rank really allocates. Raises ValueError on a negative or non-integer
     count (bools and floats included), a stage outside 0..3 or ``world_size < 1``.
     """
-    _check_bool("mixed_precision", mixed_precision)
+    check_bool("mixed_precision", mixed_precision)
     key = "mixed-16" if mixed_precision else "fp32-16"
     return convention_state_bytes(
         key, num_params, world_size=world_size, zero_stage=zero_stage
@@ -409,9 +394,9 @@ def transformer_activation_bytes(
         ("heads", heads),
         ("tp_size", tp_size),
     ):
-        _check_int(name, value, minimum=1)
-    _check_int("layers", layers, minimum=0)
-    _check_bool("sequence_parallel", sequence_parallel)
+        check_int(name, value, minimum=1)
+    check_int("layers", layers, minimum=0)
+    check_bool("sequence_parallel", sequence_parallel)
     if recompute not in _RECOMPUTE:
         raise ValueError(f"recompute must be one of {_RECOMPUTE}, got {recompute!r}")
     s, b, h, a, t = seq_len, micro_batch, hidden, heads, Fraction(tp_size)
@@ -440,8 +425,8 @@ def mlp_activation_bytes(batch: int, sizes, *, bytes_per_element: int = 4) -> in
     So the total is ``batch * (sizes[0] + sizes[1] + ... + sizes[-2])`` elements.
     The model's output and the loss, while the caller still holds them, come on top.
     """
-    _check_int("batch", batch, minimum=1)
-    _check_int("bytes_per_element", bytes_per_element, minimum=1)
+    check_int("batch", batch, minimum=1)
+    check_int("bytes_per_element", bytes_per_element, minimum=1)
     try:
         sizes = list(sizes)
     except TypeError:
@@ -453,5 +438,5 @@ def mlp_activation_bytes(batch: int, sizes, *, bytes_per_element: int = 4) -> in
             f"sizes needs at least an input and an output width, got {sizes}"
         )
     for i, width in enumerate(sizes):
-        _check_int(f"sizes[{i}]", width, minimum=1)
+        check_int(f"sizes[{i}]", width, minimum=1)
     return batch * sum(sizes[:-1]) * bytes_per_element

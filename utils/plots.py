@@ -5,8 +5,7 @@ through :mod:`utils.widgets`. Two layers, both without a display or a kernel:
 
 * pure functions that turn the per-rank reports (:class:`utils.report.RankReport`,
   or the dicts that ``to_dict``/JSON give) into numbers: :func:`phases`,
-  :func:`memory_bars`, :func:`timeline_series`, :func:`predicted_per_rank`,
-  :func:`format_bytes`;
+  :func:`memory_bars`, :func:`timeline_series`, :func:`predicted_per_rank`;
 * drawing functions that return a new :class:`InlineFigure` (a matplotlib Figure
   that displays as a PNG), built without pyplot so no global figure state is
   created or leaked and nothing needs closing.
@@ -21,7 +20,8 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from utils.report import CATEGORIES
+from utils.report import CATEGORIES, format_bytes
+from utils.report import field_of as _get
 
 KINDS = ("current", "peak")
 """What a memory phase records: bytes live at its end, and the most seen during it."""
@@ -61,19 +61,6 @@ class InlineFigure(Figure):
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
-def format_bytes(n: float, precision: int = 1) -> str:
-    """``1536 -> "1.5 KiB"``: binary units, as memory allocators count."""
-    value, unit = abs(float(n)), _UNITS[0]
-    for unit in _UNITS:
-        if value < 1024 or unit == _UNITS[-1]:
-            break
-        value /= 1024
-    sign = "-" if n < 0 else ""
-    if unit == "B":
-        return f"{sign}{value:.0f} B"
-    return f"{sign}{value:.{precision}f} {unit}"
-
-
 def byte_scale(max_bytes: float) -> tuple[int, str]:
     """The divisor and unit for an axis whose largest value is ``max_bytes``."""
     scale, unit = 1, _UNITS[0]
@@ -82,10 +69,6 @@ def byte_scale(max_bytes: float) -> tuple[int, str]:
             break
         scale *= 1024
     return scale, unit
-
-
-def _get(report: Any, name: str) -> Any:
-    return report[name] if isinstance(report, Mapping) else getattr(report, name)
 
 
 def _by_rank(reports: Sequence[Any]) -> list[Any]:

@@ -2,8 +2,8 @@
 
 Introduced in chapter 0 ("Why one device is not enough"); the data-parallel and ZeRO
 chapters reuse :func:`interactive_figure`. The widgets here only wire controls: what
-they draw comes from the pure, tested functions of :mod:`utils.plots` (re-exported
-below, so ``from utils.widgets import memory_bars`` works).
+they draw comes from the pure, tested functions of :mod:`utils.plots` (import those
+from there: each name has one import path).
 
 Why figures go into the Output widget the way they do
 -----------------------------------------------------
@@ -32,19 +32,13 @@ from typing import Any
 import ipywidgets as widgets
 from matplotlib.figure import Figure
 
-from utils.plots import (  # noqa: F401  (re-exported: the widgets' public API)
-    CATEGORY_COLORS,
+from utils.plots import (
     FIGURE_DPI,
     KINDS,
-    InlineFigure,
-    byte_scale,
     figure_png,
-    format_bytes,
-    memory_bars,
     phases,
     plot_memory_per_rank,
     plot_memory_timeline,
-    predicted_per_rank,
     timeline_series,
 )
 

@@ -18,16 +18,13 @@ from typing import Any
 
 from matplotlib.patches import Patch
 
-from utils.figures.foundations import ACCELERATORS, GB
+from utils.hardware import ACCELERATORS, GB, MODELS
 from utils.memory_model import model_state_bytes, transformer_activation_bytes
-from utils.plots import CATEGORY_COLORS, InlineFigure, byte_scale, format_bytes
-from utils.report import CATEGORIES
+from utils.plots import CATEGORY_COLORS, InlineFigure, byte_scale
+from utils.report import CATEGORIES, format_bytes
+from utils.report import field_of as _get
 
 STATES = ("params", "grads", "optimizer")
-
-
-def _get(report, name: str):
-    return report[name] if isinstance(report, Mapping) else getattr(report, name)
 
 
 def _entry(report, phase: str, step: int | None = None) -> dict:
@@ -67,7 +64,7 @@ def memory_scaling_rows(
                     **{c: int(values[c]) for c in CATEGORIES},
                     "states": sum(int(values[c]) for c in STATES),
                     "predicted_states": predicted.total,
-                    "rows_per_rank": _get(report, "extra")["rows_per_rank"],
+                    "rows_per_rank": _get(_get(report, "extra"), "rows_per_rank"),
                 }
             )
     return rows
@@ -152,13 +149,6 @@ def memory_scaling_widget(runs: Mapping[int, Sequence[Any]]):
 
 
 # ------------------------------------------------------------ memory, analytic
-MODELS = {
-    "GPT-2 XL (1.5B)": {"params": 1.56e9, "layers": 48, "hidden": 1600, "heads": 25},
-    "LLaMA-2 7B": {"params": 6.74e9, "layers": 32, "hidden": 4096, "heads": 32},
-    "LLaMA-2 13B": {"params": 13.0e9, "layers": 40, "hidden": 5120, "heads": 40},
-}
-"""Shapes from the papers (Radford et al. 2019; Touvron et al. 2023)."""
-
 WORLD_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -267,7 +257,7 @@ def timeline_rows(reports: Sequence[Any], step: int = -1) -> list[dict]:
     in seconds from the rank's step start."""
     rows = []
     for report in sorted(reports, key=lambda r: _get(r, "rank")):
-        for e in _get(report, "extra")["timeline"][step]:
+        for e in _get(_get(report, "extra"), "timeline")[step]:
             what = e["name"] if e["kind"] == "compute" else e["kind"]
             lane = "comm" if e["kind"] == "comm" else "compute"
             rows.append(
@@ -328,7 +318,7 @@ def timeline_widget(runs: Mapping[str, Sequence[Any]]):
 
     from utils.widgets import interactive_figure
 
-    steps = len(_get(next(iter(runs.values()))[0], "extra")["timeline"])
+    steps = len(_get(_get(next(iter(runs.values()))[0], "extra"), "timeline"))
     options = [
         (f"step {s}" + (" (warm-up)" if s == 0 else ""), s) for s in range(steps)
     ]

@@ -1,7 +1,7 @@
 """Checks for the exercises of chapter 0, "Why one device is not enough".
 
 * :func:`check_state_bytes`: the bytes of parameters, gradients and Adam states a
-  model needs for training, compared with ``utils.memory.model_state_bytes``.
+  model needs for training, compared with ``utils.memory_model.model_state_bytes``.
 * :func:`check_all_reduce`: an all-reduce built from reduce-scatter and all-gather,
   run in 4 gloo ranks and compared with ``dist.all_reduce``. The learner writes it
   to a file (``%%writefile``) because ranks find code by its module path; each rank

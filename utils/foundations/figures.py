@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
+from utils.comm import alpha_beta_time, fit_alpha_beta
+from utils.hardware import ACCELERATORS, GB
 from utils.memory_model import (
     BYTES_PER_PARAM_CONVENTIONS,
     Convention,
@@ -26,48 +27,7 @@ from utils.memory_model import (
     model_state_bytes,
 )
 from utils.plots import CATEGORY_COLORS, InlineFigure
-
-GB = 10**9
-"""Vendors and the ZeRO paper count memory capacity in GB = 10^9 bytes."""
-
-
-# ----------------------------------------------------------------- accelerators
-@dataclass(frozen=True)
-class Accelerator:
-    """One accelerator's memory as its vendor specifies it (not measured here)."""
-
-    name: str
-    memory_gb: float
-    """Device memory as printed on the vendor's spec sheet, in GB."""
-    source: str
-    """The vendor page that states it."""
-
-    @property
-    def memory_bytes(self) -> int:
-        return int(self.memory_gb * GB)
-
-
-ACCELERATORS: tuple[Accelerator, ...] = (
-    Accelerator("T4", 16, "https://www.nvidia.com/en-us/data-center/tesla-t4/"),
-    Accelerator("TPU v5e", 16, "https://cloud.google.com/tpu/docs/v5e"),
-    Accelerator(
-        "RTX 4090",
-        24,
-        "https://www.nvidia.com/en-us/geforce/graphics-cards/40-series/rtx-4090/",
-    ),
-    Accelerator("A100 40GB", 40, "https://www.nvidia.com/en-us/data-center/a100/"),
-    Accelerator("A100 80GB", 80, "https://www.nvidia.com/en-us/data-center/a100/"),
-    Accelerator("H100 SXM", 80, "https://www.nvidia.com/en-us/data-center/h100/"),
-    Accelerator("H200", 141, "https://www.nvidia.com/en-us/data-center/h200/"),
-    Accelerator(
-        "MI300X",
-        192,
-        "https://www.amd.com/en/products/accelerators/instinct/mi300/mi300x.html",
-    ),
-)
-"""Vendor specifications of device memory (spec sheets, not measurements). What a
-program can allocate is somewhat less: the driver, the runtime's context and the
-allocator's fragmentation take their share."""
+from utils.report import field_of as _get
 
 INFERENCE = Convention(
     key="bf16-inference",
@@ -226,7 +186,7 @@ def anatomy_prediction(report) -> dict[str, int]:
     CPU, the loss's own storage (torch's CPU ``mse_loss`` returns its scalar as a
     view of the unreduced, output-sized buffer).
     """
-    anatomy = _extra(report)["anatomy"]
+    anatomy = _get(_extra(report), "anatomy")
     sizes, batch = anatomy["sizes"], anatomy["local_batch"]
     states = model_state_bytes(_get(report, "num_params"), mixed_precision=False)
     held_by_loss = 3 if _get(report, "device") == "cpu" else 2
@@ -275,10 +235,10 @@ def collective_grids(reports) -> dict[str, dict[str, Any]]:
     in the order the lab ran them.
     """
     ordered = sorted(reports, key=_rank)
-    ops = list(_extra(ordered[0])["collectives"])
+    ops = list(_get(_extra(ordered[0]), "collectives"))
     grids = {}
     for op in ops:
-        records = [_extra(r)["collectives"][op] for r in ordered]
+        records = [_get(_extra(r), "collectives")[op] for r in ordered]
         grids[op] = {
             "before": [rec["before"] for rec in records],
             "after": [rec["after"] for rec in records],
@@ -372,37 +332,7 @@ def draw_collectives(reports, ops: Sequence[str] | None = None) -> Figure:
 # ------------------------------------------------------------ bus bandwidth
 def busbw_rows(reports) -> list[dict[str, float]]:
     """Rank 0's all-reduce measurements: {"bytes", "time_s", "algbw", "busbw"}."""
-    return list(_extra(sorted(reports, key=_rank)[0])["busbw"])
-
-
-def fit_alpha_beta(
-    sizes: Sequence[float], times: Sequence[float], world_size: int
-) -> tuple[float, float]:
-    """Fit ring all-reduce's alpha-beta model to measured times.
-
-    Model: t(S) = 2(N-1) alpha + 2(N-1)/N * S * beta, with alpha the latency of one
-    message (s) and beta the time per byte (s/B), so 1/beta is the link bandwidth.
-    Least squares on relative error (times span orders of magnitude). Returns
-    (alpha, beta); a negative intercept or slope is clipped to zero.
-    """
-    if not isinstance(world_size, int) or world_size < 2:
-        raise ValueError(f"the model needs world_size >= 2, got {world_size!r}")
-    s = np.asarray(sizes, dtype=float)
-    t = np.asarray(times, dtype=float)
-    if s.shape != t.shape or s.size < 2:
-        raise ValueError("need at least two (size, time) pairs of equal length")
-    if np.any(t <= 0):
-        raise ValueError("times must be positive")
-    design = np.stack([np.ones_like(s), s], axis=1) / t[:, None]
-    (a, b), *_ = np.linalg.lstsq(design, np.ones_like(t), rcond=None)
-    n = world_size
-    return max(a, 0.0) / (2 * (n - 1)), max(b, 0.0) / (2 * (n - 1) / n)
-
-
-def alpha_beta_time(size: float, world_size: int, alpha: float, beta: float) -> float:
-    """Ring all-reduce time for ``size`` bytes in the alpha-beta model."""
-    n = world_size
-    return 2 * (n - 1) * alpha + 2 * (n - 1) / n * size * beta
+    return list(_get(_extra(sorted(reports, key=_rank)[0]), "busbw"))
 
 
 def _fit_label(alpha: float, beta: float) -> str:
@@ -448,10 +378,6 @@ def draw_busbw(reports) -> Figure:
 
 
 # ---------------------------------------------------------------- helpers
-def _get(report, name: str):
-    return report[name] if isinstance(report, dict) else getattr(report, name)
-
-
 def _extra(report) -> dict:
     return _get(report, "extra")
 
@@ -461,11 +387,7 @@ def _rank(report) -> int:
 
 
 __all__ = [
-    "ACCELERATORS",
     "FIT_CONVENTIONS",
-    "GB",
-    "Accelerator",
-    "alpha_beta_time",
     "anatomy_prediction",
     "anatomy_rows",
     "anatomy_widget",
@@ -474,7 +396,6 @@ __all__ = [
     "draw_busbw",
     "draw_collectives",
     "draw_fits",
-    "fit_alpha_beta",
     "fits_table",
     "fits_widget",
     "min_devices",

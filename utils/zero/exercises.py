@@ -21,10 +21,10 @@ from torch.nn import functional as F
 
 from utils.comm import CollectiveCounter, CommMeter, bytes_sent
 from utils.exercises import load_function, run_in_ranks
+from utils.flat import FlatLayout
 from utils.memory_model import model_state_bytes
 from utils.models import MLP, mlp_batch, shard_batch
-from utils.zero import ReplicatedOptimizer
-from utils.zero_flat import FlatLayout
+from utils.zero.optim import ReplicatedOptimizer
 
 __all__ = [
     "MAX_WORLD_SIZE",

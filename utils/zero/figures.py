@@ -22,7 +22,7 @@ from typing import Any
 
 from matplotlib.patches import Patch
 
-from utils.figures.foundations import GB
+from utils.hardware import GB
 from utils.memory_model import (
     BYTES_PER_PARAM_CONVENTIONS,
     PAPER_EXAMPLES,
@@ -31,6 +31,7 @@ from utils.memory_model import (
 )
 from utils.plots import CATEGORY_COLORS, InlineFigure, byte_scale
 from utils.report import CATEGORIES
+from utils.report import field_of as _get
 
 STATES = ("params", "grads", "optimizer")
 STAGE_NAMES = {
@@ -54,10 +55,6 @@ def count_label(n: float) -> str:
         if n >= size:
             return f"{n / size:.3g}{unit}"
     return f"{round(n):,}"
-
-
-def _get(report, name: str):
-    return report[name] if isinstance(report, Mapping) else getattr(report, name)
 
 
 # ------------------------------------------------------------ the paper's table
@@ -190,7 +187,7 @@ def draw_explorer(
 
 def _draw_measured(ax, reports, stage: int) -> None:
     ranks = sorted(reports, key=lambda r: _get(r, "rank"))
-    cfg = _get(ranks[0], "extra")["config"]
+    cfg = _get(_get(ranks[0], "extra"), "config")
     n, psi = _get(ranks[0], "world_size"), _get(ranks[0], "num_params")
     formula = model_state_bytes(
         psi, world_size=n, zero_stage=stage, mixed_precision=cfg["precision"] == "mixed"
@@ -257,7 +254,7 @@ def explorer_widget(measured: Mapping[int, Sequence[Any]] | None = None):
 def stage3_events(report, step: int = -1) -> list[dict[str, Any]]:
     """The gathers, frees and reduce-scatters of one step (``-1``: the last), each
     {"label", "phase", "current": {category: bytes}} after the event."""
-    events = _get(report, "extra").get("events") or []
+    events = _get(_get(report, "extra"), "events") or []
     steps = sorted({e["step"] for e in events})
     if not steps:
         raise ValueError("no stage-3 events: run the scratch stage 3 with memory on")
@@ -338,7 +335,7 @@ def beyond_formula_rows(runs: Mapping[int, Sequence[Any]]) -> list[dict[str, Any
     rows = []
     for stage, reports in sorted(runs.items()):
         r0 = min(reports, key=lambda r: _get(r, "rank"))
-        predicted = _get(r0, "extra")["predicted"]
+        predicted = _get(_get(r0, "extra"), "predicted")
         formula = sum(predicted[c] for c in STATES)
         memory = _get(r0, "memory")
         top = max(memory, key=lambda m: m["peak_total"])

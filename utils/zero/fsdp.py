@@ -51,9 +51,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from utils.comm import CommMeter, all_gather, broadcast, reduce_scatter
-from utils.zero import FlatOptimizer
-from utils.zero_flat import FlatLayout
+from utils.comm import (
+    CommMeter,
+    all_gather,
+    broadcast_from_first_rank,
+    reduce_scatter,
+)
+from utils.flat import FlatLayout
+from utils.zero.optim import FlatOptimizer
 
 __all__ = ["FullyShardedModule", "default_units"]
 
@@ -146,8 +151,7 @@ class FullyShardedModule(nn.Module):
         full = torch.zeros(u.layout.padded, dtype=dtype, device=u.params[0].device)
         for p, (a, b) in zip(u.params, u.layout.spans()):
             full[a:b].copy_(p.detach().reshape(-1))
-        src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
-        broadcast(full, src, group=self.group)  # everyone starts from rank 0's weights
+        broadcast_from_first_rank([full], group=self.group)  # rank 0's weights
         start, end = u.layout.shard(self.rank)
         u.shard = nn.Parameter(full[start:end].clone())
         for p, (a, b) in zip(u.params, u.layout.spans()):

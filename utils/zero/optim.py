@@ -5,7 +5,7 @@ Rajbhandari, Rasley, Ruwase and He, "ZeRO: Memory Optimizations Toward Training
 Trillion Parameter Models" (SC 2020, arXiv:1910.02054), section 5: with N data-parallel
 ranks, P_os (stage 1) keeps on each rank the optimizer states of 1/N of the
 parameters, P_os+g (stage 2) also only that 1/N of the gradients. Stage 3 (P_os+g+p)
-is :class:`utils.zero3.FullyShardedModule`. Inside a rank, with no DDP wrapper::
+is :class:`utils.zero.fsdp.FullyShardedModule`. Inside a rank, with no DDP wrapper::
 
     opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)
     loss_fn(model(x_local), y_local).backward()
@@ -54,8 +54,14 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from utils.comm import CommMeter, all_gather, all_reduce, broadcast, reduce_scatter
-from utils.zero_flat import FlatBucket, FlatLayout, chunk_params, trainable_groups
+from utils.comm import (
+    CommMeter,
+    all_gather,
+    all_reduce,
+    broadcast_from_first_rank,
+    reduce_scatter,
+)
+from utils.flat import FlatBucket, FlatLayout, chunk_params, trainable_groups
 
 __all__ = [
     "FlatLayout",
@@ -178,9 +184,9 @@ class ReplicatedOptimizer(FlatOptimizer):
 
     def __init__(self, params, optimizer_cls, **kwargs):
         super().__init__(params, optimizer_cls, **kwargs)
-        src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
-        for b in self.buckets:  # start from rank 0's weights (not counted per step)
-            broadcast(b.flat, src, group=self.group)
+        # start from rank 0's weights (not counted per step)
+        broadcast_from_first_rank([b.flat for b in self.buckets], group=self.group)
+        for b in self.buckets:
             if b.master is not b.shard:
                 b.master.copy_(b.shard)
 

@@ -15,7 +15,7 @@ __all__ = ["full_state"]
 def full_state(model) -> dict[str, torch.Tensor]:
     """Unsharded weights by name, on every rank (a collective where sharded).
 
-    ``model``: a ``utils.zero3.FullyShardedModule`` (its ``full_state_dict``), a
+    ``model``: a ``utils.zero.fsdp.FullyShardedModule`` (its ``full_state_dict``), a
     DDP wrapper (its ``module``), an FSDP2 module (DTensors, gathered with
     ``full_tensor``) or a plain module.
     """
