@@ -11,6 +11,8 @@ import multiprocessing.forkserver as forkserver
 import multiprocessing.resource_tracker as resource_tracker
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +25,9 @@ import pytest
 import torch
 
 from tests import _launch_workers as w
+from utils import launch as launch_module
 from utils.launch import (
+    LaunchConfigError,
     LaunchError,
     in_torchrun,
     launch,
@@ -191,9 +195,7 @@ def test_ranks_die_when_the_caller_is_killed():
         time.sleep(0.05)
     assert alive == []
     # The killed caller could not remove its rendezvous folder; the next launch does.
-    left = glob.glob(
-        os.path.join(tempfile.gettempdir(), f"parlaunch-{caller.pid}-*")
-    )
+    left = glob.glob(os.path.join(tempfile.gettempdir(), f"parlaunch-{caller.pid}-*"))
     assert left, "expected the killed caller's rendezvous folder"
     launch(w.tensor_result, 1, world_size=1, backend="gloo")
     assert not any(os.path.exists(p) for p in left)
@@ -204,6 +206,20 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def wait_gone(pids, seconds=5.0) -> list[int]:
+    """The pids still running (not zombies) after up to ``seconds``."""
+    end = time.monotonic() + seconds
+    alive = list(pids)
+    while alive and time.monotonic() < end:
+        time.sleep(0.05)
+        alive = [p for p in alive if _running(p)]
+    return alive
+
+
+def printed_pids(text: str, word: str) -> list[int]:
+    return [int(m) for m in re.findall(rf"\] {word} (\d+)", text)]
 
 
 @pytest.mark.parametrize(
@@ -309,6 +325,52 @@ def test_nccl_without_enough_gpus_is_a_value_error():
         launch(w.rank_info, world_size=GPUS + 1, backend="nccl")
 
 
+def test_bad_backend_is_a_launch_config_error_before_any_process_starts():
+    n = GPUS + 1
+    expected = (
+        f"backend='nccl' needs one GPU per rank: {GPUS} CUDA GPUs < {n} ranks "
+        "(use backend='auto' or 'gloo')"
+    )
+    with pytest.raises(LaunchConfigError) as info:
+        resolve_backend("nccl", n)
+    assert str(info.value) == expected
+    assert isinstance(info.value, ValueError)  # what callers caught so far
+    launch_module.shutdown()  # so that we see whether launch starts a fork server
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(LaunchConfigError, match=re.escape(expected)):
+        launch(w.rank_info, world_size=n, backend="nccl")
+    assert forkserver._forkserver._forkserver_pid is None
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+    # Every refusal before a start is one: wrong types stay TypeErrors too.
+    for kwargs in (dict(world_size=0), dict(world_size=2, backend="mpi")):
+        with pytest.raises(LaunchConfigError):
+            launch(w.rank_info, **kwargs)
+    with pytest.raises(LaunchConfigError) as info:
+        launch(w.rank_info, world_size=True)
+    assert isinstance(info.value, TypeError)
+    with pytest.raises(LaunchConfigError, match="must pickle"):
+        launch(w.print_and_return, threading.Lock(), world_size=2)
+
+
+@pytest.mark.skipif(GPUS >= 2, reason="nccl would start here")
+def test_a_command_line_shows_bad_launch_input_alone_and_exits_2():
+    """What a lab's main does: catch LaunchConfigError, print it, exit 2."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests._launch_workers", "--backend", "nccl"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        f"error: backend='nccl' needs one GPU per rank: {GPUS} CUDA GPUs < 2 ranks "
+        "(use backend='auto' or 'gloo')\n"
+    )
+    assert "launch:" not in proc.stdout  # refused before it said what it starts
+
+
 def test_helpers_outside_a_rank(capsys, monkeypatch):
     assert rank_device() == torch.device("cpu")
     synchronize(torch.device("cpu"))  # no-op, must not touch CUDA
@@ -329,6 +391,7 @@ def test_under_torchrun_launch_joins_the_existing_world(tmp_path):
     env["TMPDIR"] = str(tmp_path)  # torchrun leaves a torchelastic_* folder there
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+        + ["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0"]  # no fixed port
         + ["-m", "tests._launch_workers"],
         cwd=ROOT,
         env=env,
@@ -420,6 +483,23 @@ def test_doctor_passes_here(capsys):
     for words in ("Python", "torch", "GPUs", "/dev/shm", "4-rank lab", "2-rank gloo"):
         assert words in out
     assert "FAIL" not in out
+    assert re.search(r"OK +gloo bind address +launch's ranks: 127\.0\.0\.1", out)
+
+
+def test_doctor_reports_a_failing_check_and_runs_the_others(capsys, monkeypatch):
+    from utils import doctor
+
+    def low_memory():
+        raise MemoryError("cannot allocate 64 MiB")
+
+    monkeypatch.setattr(doctor, "_shm", low_memory)
+    code = doctor.main()
+    out = capsys.readouterr().out
+    assert code != 0
+    assert re.search(r"FAIL +/dev/shm +MemoryError: cannot allocate 64 MiB", out)
+    for words in ("Python", "torch", "GPUs", "4-rank lab", "2-rank gloo", "bind"):
+        assert words in out
+    assert "something FAILed" in out
 
 
 def test_ranks_can_return_tensors():
@@ -434,3 +514,209 @@ def test_no_rendezvous_folder_outlives_its_job():
     with pytest.raises(LaunchError):
         launch(w.raise_on, 1, world_size=2, backend="gloo")
     assert set(glob.glob(pattern)) == before
+
+
+# ---------------------------------------------------------------- what ranks start
+@pytest.mark.parametrize("kind", ["plain", "session", "orphan"])
+@pytest.mark.parametrize("then", ["return", "raise"])
+def test_no_process_a_rank_started_outlives_the_job(kind, then, capsys):
+    """Each rank leads its own process group (killed after the job) and is the
+    subreaper of what it starts (killed by the rank itself as it ends)."""
+    if then == "return":
+        pids = launch(w.start_grandchild, kind, world_size=2)
+    else:
+        with pytest.raises(LaunchError) as info:
+            launch(w.start_grandchild, kind, "raise", world_size=2)
+        assert info.value.kind == "raised"
+        pids = printed_pids(capsys.readouterr().out, "grandchild")
+    assert len(pids) == 2
+    assert wait_gone(pids, seconds=2.0) == []
+
+
+def test_ranks_can_start_dataloader_workers():
+    assert launch(w.dataloader_sum, 2, world_size=2) == [66.0, 66.0]
+
+
+def test_non_ascii_output_survives_the_pipe_chunks(capsys):
+    n = 200_000  # 400,000 bytes: about six reads of 64 KiB
+    launch(w.print_wide, "é", n, world_size=1)
+    out = capsys.readouterr().out
+    assert "<" + "é" * n + ">\n" in out
+    assert "\ufffd" not in out
+
+
+# ---------------------------------------------------------------- caller signals
+_CALLER = (
+    "from utils.launch import launch\n"
+    "from tests._launch_workers import start_grandchild\n"
+    "launch(start_grandchild, {kind!r}, 'sleep', world_size=2)\n"
+)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_caller_stopped_by_a_signal_leaves_nothing_behind(signum):
+    """SIGTERM / SIGHUP: the job is cleaned up, then the caller dies of it."""
+    caller = subprocess.Popen(
+        [sys.executable, "-c", _CALLER.format(kind="plain")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        grandchildren = []
+        for line in caller.stdout:
+            grandchildren += printed_pids(line, "grandchild")
+            if len(grandchildren) == 2:
+                break
+        ranks = [p.pid for p in psutil.Process(caller.pid).children(recursive=True)]
+        caller.send_signal(signum)
+        assert caller.wait(20) == -signum  # it dies of the signal, as it would have
+    finally:
+        caller.kill()
+        caller.wait()
+    assert len(grandchildren) == 2
+    pattern = os.path.join(tempfile.gettempdir(), f"parlaunch-{caller.pid}-*")
+    assert glob.glob(pattern) == []
+    assert wait_gone(ranks + grandchildren) == []
+
+
+def test_second_ctrl_c_during_the_cleanup_still_cleans_up():
+    """A fast double Ctrl-C: the second lands while the ranks are being stopped."""
+    launch(w.rank_info, world_size=1)  # warm, so the first interrupt finds it running
+    pattern = os.path.join(tempfile.gettempdir(), f"parlaunch-{os.getpid()}-*")
+    before = set(glob.glob(pattern))
+    # The rank ignores SIGTERM and holds the GIL: stopping it takes 1 s (SIGKILL).
+    timers = [threading.Timer(t, _thread.interrupt_main) for t in (1.5, 2.0)]
+    for t in timers:
+        t.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            launch(w.spin_holding_the_gil, world_size=1)
+        assert set(glob.glob(pattern)) == before
+        assert wait_no_rank_processes(seconds=1.0) == []
+    finally:
+        for t in timers:
+            t.join()
+        for p in rank_processes():  # before the fix: do not leave it spinning
+            p.kill()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_sweep_removes_only_our_own_folders_of_dead_callers():
+    tmp = tempfile.gettempdir()
+    pid = _dead_pid()
+    ours = tempfile.mkdtemp(prefix=f"parlaunch-{pid}-", dir=tmp)
+    theirs = tempfile.mkdtemp(prefix=f"parlaunch-{pid}-", dir=tmp)
+    live = tempfile.mkdtemp(prefix=f"parlaunch-{os.getpid()}-", dir=tmp)
+    try:
+        if os.getuid() == 0:
+            os.chown(theirs, 12345, 12345)  # another user's job
+        launch_module._sweep_rendezvous()
+        assert not os.path.exists(ours)
+        assert os.path.exists(live)  # its caller (this process) is running
+        if os.getuid() == 0:
+            assert os.path.exists(theirs)
+    finally:
+        for path in (ours, theirs, live):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def test_rendezvous_folders_are_private():
+    modes = launch(w.rendezvous_modes, os.getpid(), world_size=1)[0]
+    assert len(modes) >= 2  # the job's FileStore folder and the fork server's
+    assert set(modes) == {"0o700"}
+
+
+# ---------------------------------------------------------------- bind address
+def test_gloo_listens_on_loopback_only():
+    for addresses in launch(w.listening_addresses, world_size=2, backend="gloo"):
+        assert addresses and set(addresses) <= {"127.0.0.1", "::1"}
+
+
+def _external_ipv4() -> str | None:
+    return next(iter(_external_interfaces().values()), None)
+
+
+def _external_interfaces() -> dict[str, str]:
+    """{interface: its IPv4 address} for the interfaces other than loopback."""
+    return {
+        name: a.address
+        for name, addrs in psutil.net_if_addrs().items()
+        for a in addrs
+        if a.family.name == "AF_INET" and not a.address.startswith("127.")
+    }
+
+
+def test_gloo_listens_where_the_user_says(monkeypatch):
+    """A GLOO_SOCKET_IFNAME the caller set (now, after the fork server started)
+    wins over loopback."""
+    if not _external_interfaces():
+        pytest.skip("no interface other than loopback")
+    name, address = next(iter(_external_interfaces().items()))
+    launch(w.rank_info, world_size=1)  # the fork server starts without it
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", name)
+    for addresses in launch(w.listening_addresses, world_size=2, backend="gloo"):
+        assert addresses == [address]
+
+
+def test_gloo_listens_on_loopback_even_when_the_hostname_is_external(tmp_path):
+    """Left to itself gloo binds the address the hostname resolves to: make the
+    hostname resolve to this machine's external address (in private mount and UTS
+    namespaces, as root) and check the ranks still listen on loopback only."""
+    address = _external_ipv4()
+    if address is None or os.getuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root, unshare and a non-loopback IPv4 address")
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n{address} farhost\n")
+    code = (
+        "from utils.launch import launch\n"
+        "from tests._launch_workers import listening_addresses\n"
+        "print('addresses', launch(listening_addresses, world_size=2))\n"
+    )
+    script = (
+        f"mount --bind {hosts} /etc/hosts && hostname farhost && "
+        f'exec {sys.executable} -c "$0"'
+    )
+    probe = subprocess.run(
+        ["unshare", "--mount", "--uts", "sh", "-c", "getent hosts $(hostname)"],
+        capture_output=True,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"unshare failed: {probe.stderr!r}")
+    proc = subprocess.run(
+        ["unshare", "--mount", "--uts", "sh", "-c", script, code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "addresses [['127.0.0.1'], ['127.0.0.1']]" in proc.stdout
+
+
+# ---------------------------------------------------------------- torchrun hang
+def test_under_torchrun_the_hung_rank_is_named(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = str(ROOT)
+    env["TMPDIR"] = str(tmp_path)  # torchrun leaves a torchelastic_* folder there
+    start = time.monotonic()
+    proc = subprocess.run(
+        [str(ROOT / ".venv/bin/torchrun"), "--nproc-per-node", "2"]
+        + ["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0"]
+        + ["-m", "tests._launch_workers", "--hang-rank", "1", "--timeout", "3"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert time.monotonic() - start < 30
+    assert proc.returncode != 0
+    assert "LaunchError: rank 1 hung" in proc.stderr, proc.stderr[-3000:]

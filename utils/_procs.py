@@ -4,9 +4,11 @@ Private to ``utils.launch`` (chapter 0, "Why one device is not enough"); read th
 module's docstring for the user-facing contract. This file holds the two halves
 that meet over pipes:
 
-- ``rank_main`` runs in each child: it ties its life to its parent, rendezvouses
-  through the job's ``FileStore``, calls the worker and sends back either the
-  result or the formatted traceback.
+- ``rank_main`` runs in each child: it becomes the leader of a session (and so of
+  a process group) of its own, ties its life to its parent, rendezvouses through
+  the job's ``FileStore`` with gloo bound to loopback, calls the worker and sends
+  back either the result or the formatted traceback; as it ends it kills every
+  process it started.
 - ``supervise`` runs in the caller: it waits on the children's result pipes,
   their exit sentinels and their output, decides when the job is over and, if it
   failed, which rank is to blame and why.
@@ -14,6 +16,7 @@ that meet over pipes:
 
 from __future__ import annotations
 
+import codecs
 import ctypes
 import os
 import pickle
@@ -26,6 +29,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing.connection import wait
 
+import psutil
+
 GRACE_S = 1.0
 """After the first failure, how long to keep listening so every rank can report.
 
@@ -36,7 +41,13 @@ from them (or from the exit sentinel of a killed rank) lets us blame the right r
 POLL_S = 0.1
 """Longest single wait, so that a KeyboardInterrupt is serviced promptly."""
 
+WATCH_S = 0.5
+"""After closing the job pipe, how long ``stop`` lets the ranks' watcher threads
+kill what each rank started and exit, before it terminates them. A watcher needs
+the GIL: a rank whose main thread holds it in a long C call uses all of it."""
+
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
 # Substrings of errors a rank raises because a *peer* failed or never arrived,
 # not because of its own code: gloo/store timeouts and closed connections, e.g.
@@ -47,6 +58,60 @@ _PR_SET_PDEATHSIG = 1
 _TIMEOUT_MARKS = ("timed out", "timeout", "deadline exceeded")
 _PEER_MARKS = ("connection closed", "connection reset", "broken pipe")
 _PEER_TYPES = (RuntimeError, TimeoutError, ConnectionError)
+
+
+def _prctl(option: int, value: int) -> bool:
+    """``prctl(option, value)``; False where there is no such call (not Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _own_session() -> None:
+    """Lead a session (so a process group) of our own and adopt our orphans.
+
+    ``setsid(2)``: whatever this rank starts (a ``subprocess``, ``DataLoader``
+    workers) is in the group whose id is our pid, which the caller kills after the
+    job (``stop``), whether we are still alive or not. ``PR_SET_CHILD_SUBREAPER``
+    (prctl(2)): a descendant whose parent dies (a daemon's double fork) is
+    reparented to us instead of to init, so ``_end_descendants`` still finds it;
+    the setting is not inherited by our children. Neither is needed for the
+    rank's own cleanup, so a failure (not Linux) is ignored.
+    """
+    try:
+        os.setsid()
+    except OSError:  # already a group leader: cannot happen for a forked child
+        pass
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def _end_descendants() -> None:
+    """SIGKILL every process this rank started, and theirs (never raises).
+
+    Runs as the rank ends (returned, raised, or told to stop by the job pipe). It
+    catches what the caller's ``killpg`` cannot: a descendant that left our
+    process group (``setsid``, ``start_new_session=True``), which as our subreaper
+    child is still our descendant. Zombies (reparented orphans that exited) are
+    skipped: init reaps them once we exit. Three rounds, for a process that forked
+    while we looked.
+    """
+    try:
+        me = psutil.Process()
+        for _ in range(3):
+            left = []
+            for p in me.children(recursive=True):
+                try:
+                    if p.status() != psutil.STATUS_ZOMBIE:
+                        p.kill()
+                        left.append(p)
+                except psutil.Error:
+                    pass
+            if not left:
+                return
+    except Exception:  # noqa: BLE001 - best effort; the caller's killpg follows
+        pass
 
 
 def _die_with_parent() -> None:
@@ -64,11 +129,8 @@ def _die_with_parent() -> None:
         os.close(server._forkserver_alive_fd)
         # Forget the server too: a rank that needs one starts its own.
         server._forkserver_alive_fd = server._forkserver_address = None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the supervisor still cleans up
-        return
+    if not _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL):
+        return  # not Linux: the supervisor still cleans up
     if os.getppid() == 1:  # the parent died before prctl took effect
         os._exit(1)
 
@@ -86,13 +148,20 @@ def _exit_with_job(job) -> None:
             job.recv_bytes()
         except (EOFError, OSError):
             pass
+        _end_descendants()
         os._exit(1)
 
     threading.Thread(target=watch, name="launch-job-watch", daemon=True).start()
 
 
-def rank_main(fn, args, rank, world_size, backend, rendezvous, timeout, pipes):
-    """Entry point of one rank (runs in a process forked by the fork server)."""
+def rank_main(fn, args, rank, world_size, backend, rendezvous, timeout, pipes, env):
+    """Entry point of one rank (runs in a process forked by the fork server).
+
+    ``env``: variables to set before init, taken from the caller's environment at
+    launch time (the fork server's environment is that of the first launch):
+    ``GLOO_SOCKET_IFNAME``, the user's or the loopback interface (see utils.launch).
+    """
+    _own_session()
     conn, out, err, job = pipes
     _die_with_parent()
     _exit_with_job(job)
@@ -108,6 +177,7 @@ def rank_main(fn, args, rank, world_size, backend, rendezvous, timeout, pipes):
         WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1",
+        **env,
     )
     try:
         import torch
@@ -132,12 +202,16 @@ def rank_main(fn, args, rank, world_size, backend, rendezvous, timeout, pipes):
         result = fn(*args)
         if dist.is_initialized():  # fn may have torn it down itself
             dist.destroy_process_group()
+        # Before reporting: once the caller has heard from every rank it may stop
+        # us at once, and a descendant in a session of its own would survive.
+        _end_descendants()
         # Plain pickle, not multiprocessing's: that one shares a tensor's storage
         # through a file descriptor that dies with this process.
         conn.send_bytes(pickle.dumps(("ok", result)))
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller
+        reply = ("raised", traceback.format_exc(), _is_peer_error(exc))
+        _end_descendants()
         try:
-            reply = ("raised", traceback.format_exc(), _is_peer_error(exc))
             conn.send_bytes(pickle.dumps(reply))
         except Exception:  # the pipe is gone: the caller is stopping us anyway
             pass
@@ -179,20 +253,42 @@ class Outcome:
     reason: str = ""  # why the supervisor stopped waiting
 
 
-def _forward(fd: int, stream) -> bool:
-    """Copy what a rank printed to our stream; False at EOF."""
-    data = os.read(fd, 65536)
-    if not data:
-        return False
-    stream.write(data.decode("utf-8", errors="replace"))
-    stream.flush()
-    return True
+@dataclass
+class Output:
+    """One of the ranks' output pipes (stdout or stderr) and where it goes.
+
+    The bytes are decoded by one incremental UTF-8 decoder per pipe, so that a
+    character cut in two by a read's 64 KiB border is joined, not replaced by
+    U+FFFD (``codecs.getincrementaldecoder``); an incomplete character left at
+    the end shows as U+FFFD (``errors="replace"``).
+    """
+
+    conn: object  # the read end, a multiprocessing Connection
+    stream: object  # sys.stdout / sys.stderr of the caller
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
+    )
+
+    def forward(self) -> bool:
+        """Copy what the ranks printed to our stream; False at EOF."""
+        data = os.read(self.conn.fileno(), 65536)
+        self._write(self.decoder.decode(data, final=not data))
+        return bool(data)
+
+    def flush(self) -> None:
+        """Write what the decoder holds back (the job is over)."""
+        self._write(self.decoder.decode(b"", final=True))
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.stream.write(text)
+            self.stream.flush()
 
 
 def supervise(procs, conns, outputs, timeout: float) -> Outcome:
     """Wait for every rank to report; bound the wait once one finished or failed.
 
-    ``outputs`` is [(read_conn, stream)] for the ranks' stdout/stderr pipes.
+    ``outputs`` is [Output] for the ranks' stdout/stderr pipes.
     Returns as soon as all ranks reported, or ``GRACE_S`` after the first failure,
     or ``timeout`` seconds after the first rank returned, whichever comes first.
     The caller stops whatever is still running.
@@ -202,8 +298,8 @@ def supervise(procs, conns, outputs, timeout: float) -> Outcome:
     for r, (p, c) in enumerate(zip(procs, conns, strict=True)):
         by_obj[c] = ("conn", r)
         by_obj[p.sentinel] = ("exit", r)
-    for rc, stream in outputs:
-        by_obj[rc] = ("out", stream)
+    for output in outputs:
+        by_obj[output.conn] = ("out", output)
     deadline = None
     while o.pending:
         now = time.monotonic()
@@ -213,7 +309,7 @@ def supervise(procs, conns, outputs, timeout: float) -> Outcome:
         for obj in wait(list(by_obj), timeout=left):
             what, key = by_obj[obj]
             if what == "out":
-                if not _forward(obj.fileno(), key):
+                if not key.forward():
                     del by_obj[obj]
                 continue
             r = key
@@ -255,29 +351,37 @@ def supervise(procs, conns, outputs, timeout: float) -> Outcome:
 
 def drain(outputs) -> None:
     """Forward whatever the (now stopped) ranks printed last."""
-    for rc, stream in outputs:
-        while rc.poll(0):
+    for output in outputs:
+        while output.conn.poll(0):
             try:
-                if not _forward(rc.fileno(), stream):
+                if not output.forward():
                     break
             except OSError:
                 break
+        output.flush()
 
 
 def stop(procs, job, grace: float = 0.0) -> list[int]:
     """End the job; returns the ranks that had to be stopped.
 
     Waits up to ``grace`` seconds for ranks to exit on their own (after a success
-    they are only tearing down), closes the job pipe (each rank's watcher exits),
-    then terminates and finally kills whatever is left.
+    they are only tearing down), closes the job pipe and waits up to ``WATCH_S``
+    (each rank's watcher kills what the rank started, then exits), then
+    terminates and finally kills whatever is left. Last, whatever happened, it
+    SIGKILLs each rank's process group (``kill_groups``), so that nothing a rank
+    started outlives the job.
     """
     end = time.monotonic() + grace
     for p in procs:
         p.join(max(0.0, end - time.monotonic()))
     alive = [r for r, p in enumerate(procs) if p.is_alive()]
     job.close()
+    end = time.monotonic() + (WATCH_S if alive else 0.0)
     for r in alive:
-        procs[r].terminate()
+        procs[r].join(max(0.0, end - time.monotonic()))
+    for r in alive:
+        if procs[r].is_alive():
+            procs[r].terminate()
     end = time.monotonic() + 1.0
     for r in alive:
         procs[r].join(max(0.0, end - time.monotonic()))
@@ -285,7 +389,26 @@ def stop(procs, job, grace: float = 0.0) -> list[int]:
         if procs[r].is_alive():
             procs[r].kill()
             procs[r].join(5.0)
+    kill_groups(procs)
     return alive
+
+
+def kill_groups(procs) -> None:
+    """SIGKILL the process group each rank leads (``_own_session``).
+
+    The group's id is the rank's pid. A rank that had not yet called ``setsid``
+    leads no group, and ``killpg`` then fails with ESRCH: it never reaches the
+    caller's own group. Linux does not reuse a pid while a process group of that
+    id has members, so a live group of that id is the rank's, except if the group
+    emptied and the pid came round again (all pids used in between) since.
+    """
+    for p in procs:
+        if p.pid is None:
+            continue
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def signal_name(exitcode: int | None) -> str:

@@ -20,10 +20,19 @@ gloo on CPU processes; it prints one line saying which and why. Inside a rank us
 ``fn`` must be importable by module path (defined at the top level of a module such
 as ``labs/`` or a ``.py`` file next to the notebook): the children find it by name.
 A lambda, a nested function or one defined in a notebook cell or in a script run as
-``python file.py`` is refused with a ``TypeError`` before any process starts. A
-module run as ``python -m labs.zero`` may launch its own functions: the ranks import
-it by that name. What the ranks print is forwarded to the caller's stdout/stderr,
-so it shows up in the notebook cell.
+``python file.py`` is refused before any process starts. A module run as
+``python -m labs.zero`` may launch its own functions: the ranks import it by that
+name. What the ranks print is forwarded to the caller's stdout/stderr, so it shows
+up in the notebook cell; it is decoded as UTF-8 by one incremental decoder per
+stream, so a character split between two 64 KiB reads arrives whole.
+
+Bad input (``LaunchConfigError``, a ``ValueError``; also a ``TypeError`` where the
+type is wrong) is refused before any process starts: a bad ``world_size``,
+``backend`` or ``timeout``, a backend the machine cannot run (``backend='nccl'``
+without a GPU per rank: "backend='nccl' needs one GPU per rank: 0 CUDA GPUs < 2
+ranks (use backend='auto' or 'gloo')"), a function the ranks could not import,
+arguments that do not pickle. Its message is meant to be shown alone: a command
+line catches ``LaunchConfigError``, prints it and exits with status 2.
 
 Under ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR set) ``launch`` starts
 nothing: it joins the world that exists (initialising the default group from the
@@ -31,6 +40,14 @@ environment if needed), runs ``fn`` once in this process and returns every rank'
 result (``all_gather_object``), so the caller behaves the same::
 
     torchrun --nproc-per-node 8 -m labs.data_parallel
+
+There, a rank that does not finish is named too: after ``fn`` every rank enters a
+``dist.monitored_barrier`` (on a gloo group made before ``fn``), and rank 0 raises
+``LaunchError("rank 1 hung: ...", kind="hung")`` for the ranks that have not
+arrived ``timeout`` s after it did; if rank 0 is the one that hangs, the others
+raise "rank 0 hung" after ``2 * timeout`` s. torchrun's own summary still names
+rank 0 as the first failure; the traceback it shows holds our message. torchrun
+(not ``launch``) leaves a ``torchelastic_*`` folder in the temp dir per run.
 
 Failures (``LaunchError``: ``rank`` to blame first, ``ranks`` all of them, ``kind``)
     raised  a rank raised: the job ends within about a second (the launcher listens
@@ -47,11 +64,35 @@ Failures (``LaunchError``: ``rank`` to blame first, ``ranks`` all of them, ``kin
             rank failed waiting (mismatched collectives), the waiters are named.
             A job in which no rank ever returns or fails is not bounded: interrupt
             it (KeyboardInterrupt / the notebook's stop button).
-    Whatever happens, including a KeyboardInterrupt in the caller, no rank outlives
-    its job: the launcher closes a pipe that each rank watches (it exits at EOF),
-    then terminates and kills what is left; and each rank asks Linux
-    (PR_SET_PDEATHSIG) to kill it if its parent, the fork server, dies, which
-    happens when the caller dies. ``shutdown()`` stops the fork server (at exit).
+
+Cleanup: whatever happens, no rank outlives its job, nor does any process a rank
+started (a ``subprocess``, ``DataLoader`` workers: ranks are not daemonic
+processes, so they may have children).
+    - The launcher closes a pipe that each rank watches (its watcher thread kills
+      what the rank started, then exits), waits ``_procs.WATCH_S`` = 0.5 s, then
+      terminates and kills what is left. Each rank asks Linux (PR_SET_PDEATHSIG) to
+      kill it if its parent, the fork server, dies, which happens when the caller
+      dies. ``shutdown()`` stops the fork server (at exit).
+    - Each rank leads a session and process group of its own (``setsid``, first
+      thing in the rank), and after every job, success or failure, the launcher
+      SIGKILLs each rank's group (``killpg``): what a rank started dies with the
+      job even if the rank itself was killed.
+    - A descendant that leaves that group (``setsid``, ``start_new_session=True``,
+      a daemon's double fork) is caught by the rank: it is its descendants'
+      subreaper (PR_SET_CHILD_SUBREAPER, so an orphan is reparented to it, not to
+      init) and kills all its descendants as it ends (returned, raised, or told
+      to stop by the pipe). Not caught: such a descendant of a rank that is
+      itself killed outright (SIGKILL, a crash, or still holding the GIL after
+      ``WATCH_S``); and, when the caller is SIGKILLed, any descendant if the
+      rank's watcher loses the race with PR_SET_PDEATHSIG (it usually wins).
+    - SIGTERM and SIGHUP of the caller (main thread, while a job runs) run the
+      same cleanup, then the signal goes to the handler it would have met: by
+      default the caller then dies of it, after removing the fork server's
+      folder and other threads' jobs; a Python handler runs, then ``launch``
+      raises KeyboardInterrupt. During the cleanup SIGINT, SIGTERM and SIGHUP are
+      held back and delivered after it, so a fast second Ctrl-C cannot leave a
+      folder or a rank behind. Outside the main thread none of this is possible
+      (Python handles signals there only): the next launch's sweep is the rest.
 
 Design: why not ``torch.multiprocessing.spawn`` or torch elastic's launcher? Both
 start fresh interpreters that import torch again, about 2.3 s of CPU per rank, which
@@ -59,14 +100,27 @@ makes a notebook cell that relaunches 4 ranks slow. We use torch.multiprocessing
 *forkserver* context with torch preloaded: a server process imports torch once
 (never touching CUDA, so NCCL ranks start with a clean CUDA state) and each rank is a
 cheap fork of it. Rendezvous goes through a ``torch.distributed.FileStore`` in a
-fresh temporary folder per job (removed when the job ends, or by the next launch if
-the caller was killed outright), so concurrent launches
-never share a rendezvous and no port is reserved. (A ``TCPStore`` hosted by the
-caller on port 0 was the first design, but about one relaunch in ten then stalled
-for 5 s while a rank's store client connected, when jobs followed each other within
-a few hundred milliseconds; the FileStore has no such stall.) The ranks' own gloo
-or NCCL connections still use 127.0.0.1 and ports the OS picks. Measured by
-``python -m bench launch``.
+fresh temporary folder per job, ``parlaunch-<caller's pid>-*`` in the temp dir,
+created 0700 (``tempfile.mkdtemp``), as is the fork server's socket folder under
+the same prefix. A job removes its folder when it ends; a caller killed by SIGKILL
+(which no process can handle) leaves it, and the next launch removes it: that sweep
+takes only folders owned by the current user whose caller's pid is not running, so
+root's launches leave other users' jobs alone. Concurrent launches never share a
+rendezvous and no port is reserved. (A ``TCPStore`` hosted by the caller on port 0
+was the first design, but about one relaunch in ten then stalled for 5 s while a
+rank's store client connected, when jobs followed each other within a few hundred
+milliseconds; the FileStore has no such stall.) Measured by ``python -m bench
+launch``.
+
+Bind address: left to itself gloo listens on the address the hostname resolves to,
+possibly an external interface. A job of this launcher is on one machine, so each
+rank sets ``GLOO_SOCKET_IFNAME`` to the loopback interface ("lo") before init, and
+gloo listens on 127.0.0.1 on ports the OS picks, unless the caller's environment
+sets ``GLOO_SOCKET_IFNAME`` (then that wins). NCCL's own bootstrap sockets are not
+moved (set ``NCCL_SOCKET_IFNAME=lo`` for that). Under torchrun nothing is changed:
+across machines set ``GLOO_SOCKET_IFNAME`` (and ``NCCL_SOCKET_IFNAME``) to the
+cluster's interface; on one machine, ``GLOO_SOCKET_IFNAME=lo`` keeps gloo on
+loopback.
 """
 
 from __future__ import annotations
@@ -79,9 +133,14 @@ import multiprocessing.util
 import numbers
 import os
 import pickle
+import re
 import shutil
+import signal
+import socket
+import stat
 import sys
 import tempfile
+import threading
 from datetime import timedelta
 
 import psutil
@@ -104,6 +163,22 @@ _PRELOAD = [
 ]
 
 
+class LaunchConfigError(ValueError):
+    """Bad launch input, refused before any process starts (a ``ValueError``).
+
+    Raised for a bad ``world_size``, ``backend`` or ``timeout``, a backend this
+    machine cannot run (``backend='nccl'`` without a GPU per rank), a function the
+    ranks could not import or arguments that do not pickle. The message is meant
+    to be shown alone: a command line catches it, prints it and exits with status
+    2, as for a bad flag. Where the input has the wrong type it is a
+    ``TypeError`` too.
+    """
+
+
+class _LaunchTypeError(LaunchConfigError, TypeError):
+    """A ``LaunchConfigError`` about an input's type (also a ``TypeError``)."""
+
+
 class LaunchError(RuntimeError):
     """A job failed: ``rank`` (the first rank to blame), ``ranks`` (all of them) and
     ``kind`` in {"raised", "hung", "killed"}; the message holds the traceback."""
@@ -122,19 +197,23 @@ def in_torchrun() -> bool:
 
 
 def resolve_backend(backend: str, world_size: int) -> tuple[str, str]:
-    """("nccl" | "gloo", a human reason) for ``world_size`` ranks on this machine."""
+    """("nccl" | "gloo", a human reason) for ``world_size`` ranks on this machine.
+
+    Raises ``LaunchConfigError`` for an unknown backend or one this machine cannot
+    run, e.g. "backend='nccl' needs one GPU per rank: 0 CUDA GPUs < 2 ranks".
+    """
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {_CHOICES}, got {backend!r}")
+        raise LaunchConfigError(f"backend must be one of {_CHOICES}, got {backend!r}")
     gpus = torch.cuda.device_count()
     nccl_ok = dist.is_available() and dist.is_nccl_available()
     if backend == "nccl":
         if gpus < world_size:
-            raise ValueError(
+            raise LaunchConfigError(
                 f"backend='nccl' needs one GPU per rank: {gpus} CUDA GPUs "
                 f"< {world_size} ranks (use backend='auto' or 'gloo')"
             )
         if not nccl_ok:
-            raise ValueError("backend='nccl' but this torch build has no NCCL")
+            raise LaunchConfigError("backend='nccl' but this torch build has no NCCL")
         return "nccl", f"requested; {gpus} CUDA GPUs >= {world_size} ranks"
     if backend == "gloo":
         return "gloo", "requested"
@@ -182,18 +261,22 @@ atexit.register(shutdown)
 def _check(world_size, backend, timeout) -> None:
     """Refuse bad input before any process starts."""
     if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral):
-        raise TypeError(f"world_size must be a positive int, got {world_size!r}")
+        raise _LaunchTypeError(f"world_size must be a positive int, got {world_size!r}")
     if world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        raise LaunchConfigError(
+            f"world_size must be a positive int, got {world_size!r}"
+        )
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {_CHOICES}, got {backend!r}")
+        raise LaunchConfigError(f"backend must be one of {_CHOICES}, got {backend!r}")
     if (
         isinstance(timeout, bool)
         or not isinstance(timeout, numbers.Real)
         or not timeout > 0
         or timeout == float("inf")
     ):
-        raise ValueError(f"timeout must be a positive number of seconds: {timeout!r}")
+        raise LaunchConfigError(
+            f"timeout must be a positive number of seconds: {timeout!r}"
+        )
 
 
 def _check_portable(fn, args) -> None:
@@ -202,13 +285,15 @@ def _check_portable(fn, args) -> None:
     try:
         pickle.dumps(args)
     except Exception as exc:
-        raise TypeError(f"the arguments for the ranks must pickle: {exc}") from exc
+        raise _LaunchTypeError(
+            f"the arguments for the ranks must pickle: {exc}"
+        ) from exc
 
 
 def _check_importable(fn) -> None:
     target = fn.func if isinstance(fn, functools.partial) else fn
     if not callable(target):
-        raise TypeError(f"fn must be a function, got {type(fn).__name__}")
+        raise _LaunchTypeError(f"fn must be a function, got {type(fn).__name__}")
     name = getattr(target, "__qualname__", type(target).__qualname__)
     module = getattr(target, "__module__", None) or type(target).__module__
     why = None
@@ -220,7 +305,7 @@ def _check_importable(fn) -> None:
         if not (module == "__main__" and _main_is_importable()):
             why = f"it is defined in {module!r} (a notebook cell or a script)"
     if why:
-        raise TypeError(
+        raise _LaunchTypeError(
             f"launch cannot run {name!r}: {why}. The ranks find the function by "
             "its module path, so it must be defined at the top level of a module. "
             "Move it into a module (e.g. labs/ or a .py file next to the notebook) "
@@ -243,14 +328,27 @@ def _main_is_importable() -> bool:
 _RENDEZVOUS = "parlaunch-"  # + the caller's pid + a random suffix
 
 
+_JOBS: dict[str, list] = {}  # this process's running jobs: folder -> rank processes
+
+
 def _sweep_rendezvous() -> None:
     """Remove rendezvous folders whose caller is gone.
 
     A job removes its folder when it ends, unless its caller was killed outright
     (SIGKILL runs no cleanup); the next launch on the machine removes it then.
+    Only folders (not links) owned by this user (``st_uid``) are touched, so that
+    root's launches do not delete other users' jobs, and only those whose caller's
+    pid is not running (a pid in use again keeps its folder: it is never wrong).
     """
+    uid = os.getuid()
     for path in glob.glob(os.path.join(tempfile.gettempdir(), _RENDEZVOUS + "*")):
         pid = os.path.basename(path)[len(_RENDEZVOUS) :].split("-")[0]
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if st.st_uid != uid or not stat.S_ISDIR(st.st_mode):
+            continue
         if pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
@@ -287,12 +385,179 @@ def _join_torchrun(fn, args, world_size, backend, timeout) -> list:
     if dist.get_rank() == 0:
         note = "" if size == world_size else f" (world_size={world_size} ignored)"
         print(f"launch: joined torchrun's {size} ranks on {dist.get_backend()}{note}")
+    # Made now, while every rank is here (making a group is collective). Its own
+    # timeout, twice ours, bounds the wait of ranks 1.. for rank 0 in the barrier.
+    monitor = None
+    if size > 1 and dist.is_gloo_available():
+        wait = timedelta(seconds=2 * timeout)
+        monitor = dist.new_group(backend="gloo", timeout=wait)
     result = fn(*args)
+    if monitor is not None and dist.is_initialized():  # fn may have torn it down
+        _name_stragglers(monitor, timeout)
+        dist.destroy_process_group(monitor)
     gathered = [None] * size
     dist.all_gather_object(gathered, result)
     if ours:
         dist.destroy_process_group()
     return gathered
+
+
+def _name_stragglers(group, timeout: float) -> None:
+    """A barrier after ``fn`` that names, as ``LaunchError(kind="hung")``, the
+    ranks that did not reach it within ``timeout`` s.
+
+    ``dist.monitored_barrier`` (gloo only, hence the gloo ``group``): rank 0 waits
+    ``timeout`` for every other rank and, with ``wait_all_ranks=True``, raises
+    "[Rank 0]: Ranks 1, 3 failed to pass monitoredBarrier in 3000 ms"; the other
+    ranks wait for rank 0 for the group's timeout and raise "Rank 2 successfully
+    reached monitoredBarrier, but received errors while waiting for send/recv from
+    rank 0" with gloo's own error ("Timed out ..." when rank 0 never came,
+    "Connection closed" when it left, having named the ranks that hung). Without
+    it, torchrun blames rank 0 (the first to fail, its collective timing out) and
+    the rank that hung shows only as stopped by SIGTERM.
+    """
+    try:
+        dist.monitored_barrier(
+            group=group, timeout=timedelta(seconds=timeout), wait_all_ranks=True
+        )
+    except RuntimeError as exc:
+        text = str(exc)
+        found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", text)
+        if found:
+            hung = sorted({int(r) for r in re.findall(r"\d+", found.group(1))})
+            names = ", ".join(map(str, hung))
+            msg = (
+                f"rank {names} hung: still running {timeout:g} s after rank 0 "
+                f"returned (timeout={timeout:g}; under torchrun, which names rank 0 "
+                "as the first to fail)"
+            )
+            raise LaunchError(msg, hung[0], "hung", hung) from exc
+        if "successfully reached monitoredBarrier" in text and "Timed out" in text:
+            msg = (
+                f"rank 0 hung: rank {dist.get_rank()} waited {2 * timeout:g} s for "
+                f"it after returning (2 x timeout={timeout:g}; under torchrun)"
+            )
+            raise LaunchError(msg, 0, "hung") from exc
+        raise
+
+
+def _rank_env() -> dict[str, str]:
+    """Variables each rank sets before init: where gloo listens.
+
+    gloo binds the address that the hostname resolves to, which may be an
+    external interface, unless ``GLOO_SOCKET_IFNAME`` names interfaces (read by
+    the ``ProcessGroupGloo(store, rank, size, timeout)`` constructor that
+    ``init_process_group`` calls: torch/csrc/distributed/c10d/init.cpp; torch 2.13
+    passes no gloo device through ``init_process_group``'s options). A job of
+    this launcher is on one machine, so it is the loopback interface, unless the
+    user set the variable (read here, at launch time, not from the fork server's
+    older environment).
+    """
+    user = os.environ.get("GLOO_SOCKET_IFNAME")
+    if user:
+        return {"GLOO_SOCKET_IFNAME": user}
+    loopback = loopback_interface()
+    return {"GLOO_SOCKET_IFNAME": loopback} if loopback else {}
+
+
+def loopback_interface() -> str | None:
+    """The name of the interface holding 127.0.0.1 ("lo" on Linux), or None."""
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addrs):
+            return name
+    return None
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGHUP reached the caller's main thread during a job."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _SignalGuard:
+    """The caller's signals around one job; does nothing outside the main thread
+    (Python runs signal handlers there only, and only it may install them).
+
+    ``catch``: SIGTERM and SIGHUP raise ``_Stopped``, so the job's cleanup runs
+    (their default action ends the process on the spot). ``defer``: during that
+    cleanup SIGINT, SIGTERM and SIGHUP are only recorded, so that a second Ctrl-C
+    cannot cut it short. ``release``: the previous handlers come back and what was
+    recorded is delivered to them. A signal that is ignored (SIG_IGN, as under
+    ``nohup``) or handled outside Python is left alone.
+    """
+
+    def __init__(self):
+        self.active = threading.current_thread() is threading.main_thread()
+        self.saved: dict[int, object] = {}
+        self.pending: list[int] = []
+
+    def _install(self, signum: int, handler) -> None:
+        old = signal.getsignal(signum)
+        if old is None or old is signal.SIG_IGN:
+            return
+        self.saved.setdefault(signum, old)
+        signal.signal(signum, handler)
+
+    def catch(self) -> None:
+        if self.active:
+            for signum in _STOP_SIGNALS:
+                self._install(signum, self._raise)
+
+    def defer(self) -> None:
+        if self.active:
+            for signum in (signal.SIGINT, *_STOP_SIGNALS):
+                self._install(signum, self._record)
+
+    def release(self, stopped_by: int | None) -> None:
+        for signum, old in self.saved.items():
+            signal.signal(signum, old)
+        self.saved = {}
+        got = [stopped_by] if stopped_by is not None else []
+        got += [s for s in self.pending if s not in got]
+        self.pending = []
+        for signum in sorted(got, key=lambda s: s == signal.SIGINT):  # INT last
+            _deliver(signum)
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise _Stopped(signum)
+
+    def _record(self, signum, frame):
+        self.pending.append(signum)
+
+
+def _deliver(signum: int) -> None:
+    """Hand a signal that arrived during a job to the handler it would have met:
+    a Python handler runs (and may raise, as SIGINT's raises KeyboardInterrupt);
+    under the default action the process dies of it, after ``_before_dying``."""
+    handler = signal.getsignal(signum)
+    if handler is signal.SIG_IGN:
+        return
+    if handler is signal.SIG_DFL:
+        _before_dying()
+    signal.raise_signal(signum)
+
+
+def _before_dying() -> None:
+    """What exit would have cleaned, for a death by signal: other threads' jobs
+    (their rank groups killed, folders removed) and the fork server's folder (the
+    fork server itself exits when we do, and its ranks with it)."""
+    try:
+        for folder, procs in list(_JOBS.items()):
+            _procs.kill_groups(procs)
+            shutil.rmtree(folder, ignore_errors=True)
+        tempdir = multiprocessing.current_process()._config.get("tempdir") or ""
+        if os.path.basename(tempdir).startswith(f"{_RENDEZVOUS}{os.getpid()}-"):
+            shutil.rmtree(tempdir, ignore_errors=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001 - we are dying anyway: die of the signal
+        pass
 
 
 def launch(fn, *args, world_size: int, backend: str = "auto", timeout: float = 60.0):
@@ -309,21 +574,26 @@ def launch(fn, *args, world_size: int, backend: str = "auto", timeout: float = 6
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     _sweep_rendezvous()
-    rendezvous = tempfile.mkdtemp(prefix=f"{_RENDEZVOUS}{os.getpid()}-")
+    env = _rank_env()
     out_r, out_w = ctx.Pipe(duplex=False)  # the ranks' stdout, forwarded
     err_r, err_w = ctx.Pipe(duplex=False)  # and stderr
     job_r, job_w = ctx.Pipe(duplex=False)  # ranks exit when we close job_w
-    outputs = [(out_r, sys.stdout), (err_r, sys.stderr)]
-    procs, conns, outcome = [], [], None
+    outputs = [_procs.Output(out_r, sys.stdout), _procs.Output(err_r, sys.stderr)]
+    procs, conns, outcome, rendezvous, stopped_by, ok = [], [], None, None, None, False
+    guard = _SignalGuard()
     try:
+        guard.catch()
+        rendezvous = tempfile.mkdtemp(prefix=f"{_RENDEZVOUS}{os.getpid()}-")  # 0700
+        _JOBS[rendezvous] = procs
         for rank in range(world_size):
             recv, send = ctx.Pipe(duplex=False)
+            # Not daemon=True: a daemonic process may not start children, and a
+            # rank may (DataLoader workers). Its life is bounded anyway: see above.
             p = ctx.Process(
                 target=_procs.rank_main,
                 args=(fn, args, rank, world_size, chosen, rendezvous, timeout)
-                + ((send, out_w, err_w, job_r),),
+                + ((send, out_w, err_w, job_r), env),
                 name=f"rank{rank}",
-                daemon=True,
             )
             p.start()
             send.close()
@@ -332,13 +602,24 @@ def launch(fn, *args, world_size: int, backend: str = "auto", timeout: float = 6
         for c in (out_w, err_w, job_r):
             c.close()
         outcome = _procs.supervise(procs, conns, outputs, timeout)
+    except _Stopped as exc:  # SIGTERM / SIGHUP: clean up, then deliver it
+        stopped_by = exc.signum
     finally:  # also on KeyboardInterrupt (a notebook's interrupt button)
-        ok = outcome is not None and not (outcome.order or outcome.pending)
-        stopped = _procs.stop(procs, job_w, grace=1.0 if ok else 0.0)
-        _procs.drain(outputs)
-        for c in [*conns, out_r, err_r, out_w, err_w, job_r]:
-            c.close()
-        shutil.rmtree(rendezvous, ignore_errors=True)
+        guard.defer()  # a second Ctrl-C waits for the cleanup
+        try:
+            ok = outcome is not None and not (outcome.order or outcome.pending)
+            stopped = _procs.stop(procs, job_w, grace=1.0 if ok else 0.0)
+            _procs.drain(outputs)
+            for c in [*conns, out_r, err_r, out_w, err_w, job_r]:
+                c.close()
+            if rendezvous is not None:
+                shutil.rmtree(rendezvous, ignore_errors=True)
+                _JOBS.pop(rendezvous, None)
+        finally:
+            guard.release(stopped_by)
+    if stopped_by is not None:  # its handler returned: the job is over all the same
+        name = signal.Signals(stopped_by).name
+        raise KeyboardInterrupt(f"launch: the job was stopped by {name}")
     if ok:
         return [outcome.results[r] for r in range(world_size)]
     raise LaunchError(*_procs.blame(outcome, stopped, timeout, chosen))
