@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from utils.checks import SEED_MAX, check_choice, check_int
-from utils.launch import BACKENDS
+from utils.launch import BACKENDS, LaunchConfigError
 from utils.report import CATEGORIES, RankReport, check_output_path, format_bytes
 from utils.report import save_reports as _save_reports
 
@@ -205,9 +205,7 @@ def run_from_cli(config_cls, run, argv=None, description: str | None = None):
             _fail(f"--json {args.json}: {err}")
     try:
         reports = run(cfg)
-    except ValueError as err:
-        # Raised here, in the caller: bad launch input found before any rank
-        # started (a failure inside a rank comes back as a LaunchError instead).
+    except LaunchConfigError as err:  # refused before any rank started
         _fail(err)
     finish(reports, args.json)
     return reports, args

@@ -27,7 +27,13 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from utils.launch import in_torchrun, launch, rank_device, synchronize
+from utils.launch import (
+    LaunchConfigError,
+    in_torchrun,
+    launch,
+    rank_device,
+    synchronize,
+)
 from utils.report import RankReport, format_bytes
 
 RANK_OVERHEAD_BYTES = 400 * 2**20
@@ -125,7 +131,7 @@ def check_memory(cfg) -> None:
     need = cfg.world_size * per_rank
     available = psutil.virtual_memory().available
     if need > available:
-        raise ValueError(
+        raise LaunchConfigError(
             f"this run needs about {format_bytes(need)} ({cfg.world_size} ranks x "
             f"{format_bytes(per_rank)}) but the machine has "
             f"{format_bytes(available)} available: use fewer ranks or a smaller "
