@@ -12,16 +12,45 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
+import stat
 import tempfile
 from pathlib import Path
 
-EXERCISE_DIR = Path(tempfile.gettempdir()) / "parallelization-exercises"
-"""Where the chapters' ``%%writefile`` cells put learner code (never the book)."""
+EXERCISE_DIR = Path(tempfile.gettempdir()) / f"parallelization-exercises-{os.getuid()}"
+"""Where the chapters' ``%%writefile`` cells put learner code (never the book): a
+folder of this user's own, created 0700. The system temp folder is shared by every
+local user, so a folder anyone could create first (or swap files in) would let
+another user's code run as the learner when a check loads it."""
+
+
+def _private(path: Path, what: str) -> None:
+    """Refuse ``path`` unless it is ours, not a symlink, and no one else can write
+    it (a file or folder another local user planted or can change)."""
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise PermissionError(f"{what} {path} is a symbolic link; refusing to use it")
+    if info.st_uid != os.getuid():
+        raise PermissionError(
+            f"{what} {path} belongs to uid {info.st_uid}, not you (uid "
+            f"{os.getuid()}): another user created it; remove it or set TMPDIR"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(
+            f"{what} {path} is writable by others (mode {oct(info.st_mode & 0o777)});"
+            " refusing to run code from it"
+        )
 
 
 def exercise_file(name: str) -> Path:
-    """A path for learner code under the system's temp folder (created if needed)."""
-    EXERCISE_DIR.mkdir(parents=True, exist_ok=True)
+    """A path for learner code in this user's private exercise folder."""
+    if os.sep in name or name in ("", ".", ".."):
+        raise ValueError(f"exercise file name must be a plain name, got {name!r}")
+    try:
+        EXERCISE_DIR.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    _private(EXERCISE_DIR, "exercise folder")
     return EXERCISE_DIR / name
 
 
@@ -34,6 +63,8 @@ def load_function(path, name: str):
     path = Path(path)
     if not path.is_file():
         raise AssertionError(f"no file {path}: run the %%writefile cell first")
+    _private(path.parent, "exercise folder")
+    _private(path, "exercise file")
     tag = hashlib.sha1(f"{path}\n{path.read_text()}".encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(f"_exercise_{tag}", path)
     if spec is None or spec.loader is None:
