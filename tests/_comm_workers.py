@@ -44,3 +44,30 @@ def counted_collectives():
     full = torch.empty(4 * n)
     all_gather(full, torch.full((4,), float(rank)), meter=meter)
     return x.tolist(), shard.tolist(), full.tolist(), dict(meter.by_op)
+
+
+def subgroup_bytes():
+    """An all-reduce and an all-gather on a 2-rank subgroup of a 4-rank world,
+    recorded by our wrappers and by CollectiveCounter (torch's own call); also
+    whether each figure says modelled or counted."""
+    from utils.comm import CollectiveCounter
+
+    rank = dist.get_rank()
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    group = groups[rank // 2]
+    ours, theirs = CommMeter(), CommMeter()
+    x = torch.ones(256)  # 1 KiB
+    all_reduce(x, meter=ours, group=group)
+    with CollectiveCounter(theirs):
+        dist.all_reduce(x, group=group)
+        full = torch.empty(512)
+        dist.all_gather_into_tensor(full, x, group=group)
+    ring = CommMeter()
+    ring_all_reduce(torch.ones(256), meter=ring, group=group)
+    return (
+        dict(ours.by_op),
+        dict(theirs.by_op),
+        dict(ring.by_op),
+        {**ours.source, **ring.source},
+        ours.kind,
+    )

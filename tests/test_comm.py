@@ -48,3 +48,29 @@ def test_counted_collectives_match_torch_semantics():
             "reduce_scatter": bytes_sent("reduce_scatter", 16 * n, n),
             "all_gather": bytes_sent("all_gather", 16 * n, n),
         }
+
+
+def test_bytes_use_the_size_of_the_group_the_collective_ran_on():
+    """On a 2-rank subgroup of 4 ranks, an all-reduce of S bytes is 2(2-1)/2 S = S
+    per rank, not the world's 2(4-1)/4 S = 1.5 S; the ring's real sends agree."""
+    results = launch(_comm_workers.subgroup_bytes, world_size=4, backend="gloo")
+    for ours, theirs, ring, sources, kind in results:
+        assert ours == {"all_reduce": 1024}
+        assert theirs == {"all_reduce": 1024, "all_gather": 1024}
+        assert ring == {"ring_all_reduce": 1024}  # counted send by send
+        assert sources == {"all_reduce": "modelled", "ring_all_reduce": "counted"}
+        assert kind == "modelled"
+
+
+def test_a_meter_keeps_counted_and_modelled_apart():
+    from utils.comm import CommMeter
+
+    meter = CommMeter()
+    meter.add_modelled("all_reduce", 1000, 4)
+    meter.count("send", 300)
+    assert meter.kind == "counted+modelled"
+    assert meter.total_of("modelled") == 1500 and meter.total_of("counted") == 300
+    with pytest.raises(ValueError, match="recorded as modelled"):
+        meter.count("all_reduce", 1)
+    with pytest.raises(ValueError, match="source must be one of"):
+        meter.total_of("measured")
