@@ -42,6 +42,7 @@ from utils.launch import launch, rank_device
 from utils.memory import MemoryTracker
 from utils.models import MLP, count_params, mlp_batch, shard_batch
 from utils.report import RankReport, lab_data
+from utils.wire import WireCounter
 
 IMPLS = ("naive", "bucketed", "ddp")
 
@@ -144,6 +145,8 @@ class DataParallelData:
     "end"}, seconds from the step's start."""
     comm_bytes_per_step: list = field(default_factory=list)
     """Bytes sent per step (as ``RankReport.comm_source`` says)."""
+    wire_bytes_per_step: list = field(default_factory=list)
+    """Bytes this rank's TCP sockets sent per step, counted (``utils.wire``)."""
     comm_by_op: dict = field(default_factory=dict)
     """Bytes of the last step by operation."""
     comm_sources: dict = field(default_factory=dict)
@@ -217,7 +220,7 @@ def worker(cfg: Config) -> RankReport:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     mem = MemoryTracker(device).watch(model.module, opt) if cfg.track_memory else None
     clock = lab.PhaseClock(device, mem)
-    losses, sent, timeline = [], [], []
+    losses, sent, wired, timeline = [], [], [], []
     loader = [my_share(cfg, step, rank, n, device) for step in range(cfg.steps)]
     with mem if mem is not None else nullcontext():
         for step in progress(range(cfg.steps), rank=rank, total=cfg.steps):
@@ -226,8 +229,10 @@ def worker(cfg: Config) -> RankReport:
             comm_events.clear()
             meter.reset()
             dist.barrier()  # ranks start the step together: comparable timelines
+            wire = WireCounter().start()
             t0 = time.perf_counter()
             losses.append(train_step(model, opt, micro, cfg, clock))
+            wired.append(wire.stop())
             lab.check_finite(losses[-1], step)
             sent.append(meter.total)
             events = sorted(clock.events + comm_events, key=lambda e: e["start"])
@@ -243,11 +248,13 @@ def worker(cfg: Config) -> RankReport:
         memory=mem.timeline() if mem is not None else [],
         comm_bytes=sent[-1],
         comm_source=meter.kind,
+        wire_bytes=wired[-1],
         timings=split_times(timeline[1:] or timeline),
         extra=DataParallelData(
             config=asdict(cfg),
             timeline=timeline,
             comm_bytes_per_step=sent,
+            wire_bytes_per_step=wired,
             comm_by_op=dict(meter.by_op),
             comm_sources=dict(meter.source),
             grad_bytes=grad_bytes,

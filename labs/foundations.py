@@ -41,6 +41,7 @@ from utils.launch import synchronize
 from utils.memory import MemoryTracker
 from utils.models import MLP, count_params, mlp_batch, shard_batch
 from utils.report import RankReport, format_bytes, lab_data
+from utils.wire import WireCounter
 
 PARTS = ("anatomy", "collectives", "busbw")
 COLLECTIVES = ("broadcast", "reduce", "all_reduce", "reduce_scatter", "all_gather")
@@ -153,7 +154,9 @@ def anatomy(cfg: Config, report: RankReport, device: torch.device) -> None:
             mem.mark("forward", step)  # activations saved for backward peak here
             loss.backward()
             meter.reset()
+            wire = WireCounter().start()  # the kernel's count of what really left
             all_reduce_mean([p.grad for p in model.parameters()], meter=meter)
+            report.wire_bytes = wire.stop()
             mem.mark("backward", step)  # every rank: the same averaged gradients
             optimizer.step()
             mem.mark("step", step)  # params + grads + optimizer states: 16 B/param

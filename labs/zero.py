@@ -45,6 +45,7 @@ from utils.memory import MemoryTracker
 from utils.memory_model import model_state_bytes
 from utils.models import GPT, GPTConfig, count_params, gpt_batch, shard_batch
 from utils.report import RankReport, lab_data
+from utils.wire import WireCounter
 from utils.zero.fsdp import FullyShardedModule, default_units
 from utils.zero.optim import ReplicatedOptimizer, ShardedGradOptimizer, ShardedOptimizer
 from utils.zero.torch_impl import full_state
@@ -231,6 +232,8 @@ class ZeroData:
     """Bytes of one parameter element as communicated (2 in bf16, 4 in fp32)."""
     comm_bytes_per_step: list = field(default_factory=list)
     """Bytes sent per step (as ``RankReport.comm_source`` says)."""
+    wire_bytes_per_step: list = field(default_factory=list)
+    """Bytes this rank's TCP sockets sent per step, counted (``utils.wire``)."""
     comm_by_op: dict = field(default_factory=dict)
     """Bytes of the last step by operation."""
     comm_sources: dict = field(default_factory=dict)
@@ -266,7 +269,7 @@ def worker(cfg: Config) -> RankReport:
     autocast = partial(torch.autocast, device.type, torch.bfloat16, enabled=amp)
     if mem is not None:
         mem.watch(model, opt)
-    losses, sent, times = [], [], []
+    losses, sent, wired, times = [], [], [], []
     with mem if mem is not None else nullcontext():
         if mem is not None:
             mem.mark("init")
@@ -277,6 +280,7 @@ def worker(cfg: Config) -> RankReport:
             meter.reset()
             dist.barrier()
             clock.new_step(step)
+            wire = WireCounter().start()
             with counter():
                 with clock("forward"), autocast():
                     logits = model(x)
@@ -285,6 +289,7 @@ def worker(cfg: Config) -> RankReport:
                     loss.backward()
                 with clock("step"):
                     opt.step()
+            wired.append(wire.stop())
             clock.step = None
             s = clock.seconds
             times.append(
@@ -314,6 +319,7 @@ def worker(cfg: Config) -> RankReport:
         memory=mem.timeline() if mem is not None else [],
         comm_bytes=sent[-1],
         comm_source=meter.kind,
+        wire_bytes=wired[-1],
         timings={k: statistics.median(t[k] for t in later) for k in later[0]},
         extra=ZeroData(
             config=asdict(cfg),
@@ -330,6 +336,7 @@ def worker(cfg: Config) -> RankReport:
             unit_bytes=model.unit_bytes() if hasattr(model, "unit_bytes") else {},
             bytes_per_element=2 if cfg.precision == "mixed" and not amp else 4,
             comm_bytes_per_step=sent,
+            wire_bytes_per_step=wired,
             comm_by_op=dict(meter.by_op),
             comm_sources=dict(meter.source),
             events=events,

@@ -53,6 +53,9 @@ def test_python_m_and_torchrun_give_the_same_run_and_report(lab, tmp_path):
             assert r["world_size"] == 2 and r["backend"] == "gloo"
             assert r["num_params"] > 0 and r["comm_bytes"] > 0 and r["timings"]
             assert len(r["losses"]) == 2
+            assert r["coords"] == {"dp": r["rank"], "tp": 0, "pp": 0}
+            assert r["comm_source"] in ("counted", "modelled", "counted+modelled")
+            assert r["wire_bytes"] > 0  # the kernel counted this rank's sends
             phases = [p["phase"] for p in r["memory"]]
             assert {"forward", "backward", "step"} <= set(phases)
             for p in r["memory"]:

@@ -105,6 +105,10 @@ class RankReport:
     """Bytes this rank sent per training step, as ``comm_source`` says."""
     comm_source: str = "modelled"
     """How ``comm_bytes`` was obtained: "counted" or "modelled" (``utils.comm``)."""
+    wire_bytes: int | None = None
+    """Bytes this rank's TCP sockets sent in the last step, counted by the kernel
+    (``utils.wire``): gloo's real traffic, framing included; None where it cannot
+    be measured (NCCL, not Linux)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds, e.g. {"step": ..., "compute": ..., "comm": ...}."""
     extra: Any = None
