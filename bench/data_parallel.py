@@ -13,6 +13,10 @@ Chapter 1
   backend's built-in all-reduce, at 16 MiB with 4 ranks: the median over ``ITERS``
   of the slowest rank's time (``labs.data_parallel.bandwidth_worker``); busbw as
   nccl-tests defines it. Target: >= 0.7.
+- Bytes rank 0 sent per step in the last run of each impl, both kinds: modelled
+  (``RankReport.comm_bytes``: nccl-tests' 2(N-1)/N x the gradients) and counted on
+  the wire (``RankReport.wire_bytes``, the kernel's TCP counters: payload plus
+  gloo's framing; "n/a" on NCCL or off Linux).
 
 On CPU the ranks are gloo processes sharing this machine's cores, so "bandwidth" is
 memory copies between processes, and compute competes with communication for the
@@ -35,26 +39,36 @@ ITERS = 10
 TARGET = 0.7
 
 
-def step_times() -> dict[str, dict[str, float]]:
-    """Median (over REPEATS runs) of each impl's mean per-step timings on rank 0."""
+def step_times() -> tuple[dict[str, dict[str, float]], dict[str, object]]:
+    """Median (over REPEATS runs) of each impl's mean per-step timings on the
+    slowest rank, and each impl's last rank-0 report."""
     base = Config(
         world_size=WORLD_SIZE, backend="auto", steps=STEPS, track_memory=False
     )
     runs: dict[str, list[dict]] = {"naive": [], "bucketed": []}
+    last = {}
     for _ in range(REPEATS):
         for impl in runs:
             reports = run(replace(base, impl=impl))
             slowest = max(reports, key=lambda r: r.timings["step"])
             runs[impl].append(slowest.timings)
-    return {
+            last[impl] = reports[0]
+    medians = {
         impl: {k: statistics.median(t[k] for t in rows) for k in rows[0]}
         for impl, rows in runs.items()
     }
+    return medians, last
 
 
 def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs visible; ranks: {WORLD_SIZE}")
-    times = step_times()
+    times, last = step_times()
+    for impl, r in last.items():
+        wire = "n/a" if r.wire_bytes is None else f"{r.wire_bytes:,} B"
+        print(
+            f"{impl:>8}: rank 0 sent per step {r.comm_bytes:,} B ({r.comm_source}), "
+            f"{wire} counted on the wire"
+        )
     for impl, t in times.items():
         print(
             f"{impl:>8}: step {t['step'] * 1e3:7.1f} ms  compute "

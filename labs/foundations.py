@@ -69,10 +69,12 @@ class Config(LabConfig):
     """Smallest all-reduce message (bytes); sizes grow 4x up to max_bytes."""
     max_bytes: int = 4 * 2**20
     """Largest all-reduce message: 4 MiB keeps the part under a second on gloo."""
-    warmup: int = 3
-    """Untimed all-reduces per size first (connections, caches, allocator)."""
-    iters: int = 9
-    """Timed all-reduces per size; the median is reported (robust to noise)."""
+    warmup: int = 5
+    """Untimed all-reduces per size first (connections, caches, allocator):
+    nccl-tests' -w default until 2025 (now 1 per size, over the whole sweep)."""
+    iters: int = 20
+    """Timed all-reduces per size, nccl-tests' -n default: the median and the
+    p10-p90 spread of the slowest rank are reported (robust to a busy machine)."""
 
     def __post_init__(self):
         super().__post_init__()

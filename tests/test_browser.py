@@ -296,3 +296,90 @@ def test_screenshot_shows_a_rendered_page(browser, tmp_path):
     pixels = imread(shot)
     assert pixels.shape[0] >= 1000 and pixels.shape[1] >= 1000
     assert pixels[..., :3].std() > 0.05, "screenshot is a blank page"
+
+
+PHONE_WIDTH = 390
+"""A phone's viewport, in CSS pixels (iPhone 12-15: 390 x 844)."""
+
+LEGIBLE_FIGURE = 300
+"""The narrowest (CSS px) a figure may be drawn; narrower, its box must scroll."""
+
+PHONE_HARNESS = """<!doctype html><html><body style="margin:0">
+<iframe id="page" src="{page}" width="{width}" height="844" style="border:0">
+</iframe>
+<pre id="result">pending</pre>
+<script>
+const frame = document.getElementById("page");
+frame.addEventListener("load", () => setTimeout(() => {{
+  const win = frame.contentWindow, doc = frame.contentDocument, vw = win.innerWidth;
+  const style = el => win.getComputedStyle(el);
+  const shown = el => el.getClientRects().length > 0
+    && style(el).visibility !== "hidden";
+  // the nearest ancestor that scrolls sideways (overflow-x auto or scroll)
+  const scroller = el => {{
+    for (let a = el.parentElement; a && a !== doc.body; a = a.parentElement)
+      if (["auto", "scroll"].includes(style(a).overflowX)) return a;
+    return null;
+  }};
+  const name = el => el.tagName.toLowerCase()
+    + (typeof el.className === "string" && el.className.trim()
+       ? "." + el.className.trim().split(/\\s+/).join(".") : "");
+  // what sticks out to the right of the screen, not in a box that scrolls
+  const offscreen = [...doc.querySelectorAll("article.bd-article *")]
+    .filter(el => shown(el) && el.getBoundingClientRect().right > vw + 1
+                  && !scroller(el))
+    .map(el => name(el) + " right=" + Math.round(el.getBoundingClientRect().right));
+  const figures = [...doc.querySelectorAll(".cell_output img, .widget-output img")]
+    .filter(shown).map(img => {{
+      const box = scroller(img);
+      return {{width: img.getBoundingClientRect().width, natural: img.naturalWidth,
+               scrolls: !!box && box.scrollWidth > box.clientWidth + 1,
+               src: img.src.slice(0, 40)}};
+    }});
+  const tables = [...doc.querySelectorAll("article.bd-article table")]
+    .filter(shown).map(t => {{
+      const box = scroller(t);
+      return {{width: t.getBoundingClientRect().width,
+               box: box ? box.clientWidth : null}};
+    }});
+  document.getElementById("result").textContent = JSON.stringify({{
+    innerWidth: vw, scrollWidth: doc.documentElement.scrollWidth,
+    offscreen: offscreen.slice(0, 20), figures, tables}});
+}}, 8000));
+</script></body></html>"""
+
+
+# [None] when there is no build: the browser fixture then skips with the reason
+@pytest.mark.parametrize(
+    "page", chapter_pages() or [None], ids=lambda p: getattr(p, "stem", "none")
+)
+def test_chapter_fits_a_phone_screen(browser, page):
+    """At 390 px the page never scrolls sideways (wide tables, figures and
+    equations scroll in their own box), and figures stay legible: at least
+    LEGIBLE_FIGURE px wide (or their natural width, if smaller), or in a box that
+    scrolls sideways."""
+    assert page.exists(), f"_toc.yml lists a chapter the build has no page for: {page}"
+    rel = page.relative_to(BOOK).as_posix()
+    browser.extra["/phone.html"] = PHONE_HARNESS.format(page=rel, width=PHONE_WIDTH)
+    dom, _ = browser("phone.html", "--dump-dom", budget_ms=40000)
+    result = json.loads(soup(dom).find("pre", id="result").string)
+    assert result["innerWidth"] == PHONE_WIDTH, result
+    assert result["scrollWidth"] <= result["innerWidth"], (
+        f"{rel} scrolls sideways at {PHONE_WIDTH} px: {result['scrollWidth']} px "
+        f"wide; sticking out: {result['offscreen']}"
+    )
+    assert not result["offscreen"], (
+        f"{rel}: cut off at the right edge at {PHONE_WIDTH} px: {result['offscreen']}"
+    )
+    source = soup(page.read_text())
+    if source.select(".cell_output img") or widget_state(page):
+        assert result["figures"], f"{rel}: no figure shown at {PHONE_WIDTH} px"
+    small = [
+        f
+        for f in result["figures"]
+        if f["width"] < min(LEGIBLE_FIGURE, f["natural"]) - 1 and not f["scrolls"]
+    ]
+    assert not small, f"{rel}: figures shrunk below {LEGIBLE_FIGURE} px: {small}"
+    for table in result["tables"]:
+        if table["width"] > PHONE_WIDTH:
+            assert table["box"] is not None, f"{rel}: a wide table has no scroll box"

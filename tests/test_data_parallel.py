@@ -18,6 +18,7 @@ from torch.testing import assert_close
 import labs.data_parallel as lab
 from tests import _data_parallel_workers as W
 from utils.comm import bus_factor
+from utils.data_parallel import demos as D
 from utils.data_parallel import exercises as ex
 from utils.data_parallel import figures as figs
 from utils.exercises import exercise_file
@@ -222,6 +223,10 @@ def test_busbw_figure_has_one_line_per_impl():
     ]
     fig = figs.draw_busbw(rows, world_size=4)
     assert len(fig.axes[0].lines) == 2
+    for r in rows:  # with the spread of the iterations: a shaded band per impl
+        r.update(time_s=1e-3, time_p10_s=0.8e-3, time_p90_s=1.5e-3)
+    fig = figs.draw_busbw(rows, world_size=4)
+    assert len(fig.axes[0].lines) == 2 and len(fig.axes[0].collections) == 2
 
 
 # ---------------------------------------------------------------- the exercises
@@ -340,3 +345,260 @@ def test_lab_on_gpus_matches_one_process():
             )
             for name, value in r.extra.params.items():
                 assert_close(torch.tensor(value), ref_params[name])
+
+
+# ------------------------------------------- the exercises: plausible wrong answers
+
+
+@pytest.fixture(scope="module")
+def ddp_accumulating_on_4():
+    """TINY on 4 ranks, torch's DDP, 2 micro-batches per step (3 steps)."""
+    cfg = replace(lab.TINY, world_size=4, backend="gloo", impl="ddp", accum_steps=2)
+    return lab.run(cfg)
+
+
+def test_bytes_check_compares_with_counted_bytes_and_refuses_wrong_answers(
+    ddp_accumulating_on_4, capsys
+):
+    report = ddp_accumulating_on_4[0]
+    n, psi = report.world_size, report.num_params
+    right = 2 * (n - 1) / n * 4 * psi
+    ex.check_bytes_per_rank(right, report)
+    out = capsys.readouterr().out
+    assert "Correct" in out and "counted by the kernel" in out
+    wrong = {
+        "synchronised every micro-batch": 2 * right,
+        "no (N-1)/N factor": 2 * 4 * psi,
+        "the gradients once": 4 * psi,
+        "only the all-gather half": (n - 1) / n * 4 * psi,
+        "ZeRO's share": right / n,
+    }
+    for why, answer in wrong.items():
+        with pytest.raises(AssertionError, match="too (high|low)"):
+            ex.check_bytes_per_rank(answer, report)
+            pytest.fail(f"accepted {why}")
+    for nonsense in ("1.5 MB", None, True):
+        with pytest.raises(AssertionError, match="answer with a number"):
+            ex.check_bytes_per_rank(nonsense, report)
+
+
+def test_bytes_check_falls_back_to_the_modelled_figure_and_says_so(
+    naive_and_bucketed, capsys
+):
+    report = replace(naive_and_bucketed["bucketed"][0], wire_bytes=None)
+    ex.check_bytes_per_rank(report.comm_bytes, report)
+    assert "modelled: no TCP counters" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="too high"):
+        ex.check_bytes_per_rank(2 * report.comm_bytes, report)
+
+
+def test_ddp_bucket_check_refuses_plausible_wrong_counts(ddp_accumulating_on_4, capsys):
+    report = ddp_accumulating_on_4[0]
+    per_step = [
+        sum(e["kind"] == "comm" for e in step) for step in report.extra.timeline
+    ]
+    # TINY in DDP's rule (close a bucket once it reaches 0.01 MiB): 2 buckets after
+    # the rebuild; the first iteration has every parameter in one bucket.
+    assert per_step == [1, 2, 2]
+    ex.check_ddp_buckets((1, 2), report)
+    assert "Correct" in capsys.readouterr().out
+    for wrong, hint in [
+        ((2, 2), "one bucket"),  # buckets from the start
+        ((1, 3), "closes once"),  # our BucketedDDP's count for TINY
+        ((6, 6), "one bucket"),  # one per parameter tensor
+        ((1, 1), "closes once"),  # never rebuilt
+    ]:
+        with pytest.raises(AssertionError, match=hint):
+            ex.check_ddp_buckets(wrong, report)
+    for nonsense in (2, "1, 2", (1.0, 2.0), (True, 2)):
+        with pytest.raises(AssertionError, match="two integers"):
+            ex.check_ddp_buckets(nonsense, report)
+
+
+def test_average_check_refuses_an_unchanged_and_a_halved_gradient(tmp_path):
+    unchanged = tmp_path / "unchanged.py"
+    unchanged.write_text("def average_gradients(model):\n    pass\n")
+    with pytest.raises(AssertionError, match="were not changed"):
+        ex.check_average_gradients(unchanged)
+    local = tmp_path / "local.py"  # divides without summing: the local mean / N
+    local.write_text(
+        "import torch.distributed as dist\n\n\ndef average_gradients(model):\n"
+        "    for p in model.parameters():\n"
+        "        p.grad /= dist.get_world_size()\n"
+    )
+    with pytest.raises(AssertionError, match="differ from DDP"):
+        ex.check_average_gradients(local)
+
+
+# ---------------------------------------------------- counted against modelled
+
+
+def test_counted_bytes_are_the_modelled_ones_plus_gloo_framing(naive_and_bucketed):
+    from utils import wire
+
+    rows = figs.comm_bytes_rows(naive_and_bucketed)
+    assert [r["run"] for r in rows] == ["naive", "bucketed"]
+    for r in rows:
+        assert r["modelled"] == r["reported"] and r["source"] == "modelled"
+        assert r["calls"] == (6 if r["impl"] == "naive" else 3)
+        if wire.supported():
+            assert r["wire"] == r["modelled"] + r["framing"], r
+    assert "counted on the wire" in figs.comm_bytes_table(rows)
+
+
+def test_gloo_transfer_counts_are_those_of_test_wire():
+    # tests/test_wire.py's gloo_sent: 4 MiB over 2 and 4 ranks.
+    assert figs.gloo_allreduce_transfers(4 << 20, 2) == 4
+    assert figs.gloo_allreduce_transfers(4 << 20, 4) == 12
+    assert figs.gloo_allreduce_transfers(64 << 20, 4) == 2 * (64 - 16)
+    assert figs.gloo_framing_bytes(3, 4, ring=False) == 3 * 12 * 144
+    assert figs.gloo_framing_bytes(3, 4, ring=True) == 3 * 6 * 144
+
+
+# ------------------------------------------------------------- the ring, traced
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_ring_schedule_is_what_ring_all_reduce_sends(n):
+    traces = launch(D.ring_trace_rank, 4, world_size=n, backend="gloo")
+    schedule = figs.ring_schedule(n)
+    keys = ("exchange", "send_chunk", "send_ranks", "recv_into", "to", "from")
+    for rank, trace in enumerate(traces):
+        assert len(trace) == 2 * (n - 1)
+        mine = [row for row in schedule if row["rank"] == rank]
+        assert [{k: t[k] for k in keys} for t in trace] == [
+            {k: s[k] for k in keys} for s in mine
+        ]
+        # ring_all_reduce counted one chunk (4 fp64 elements) per exchange.
+        assert [t["counted_bytes"] for t in trace] == [32] * (2 * (n - 1))
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_ring_states_reduce_then_gather(n):
+    states = figs.ring_states(n)
+    assert len(states) == 2 * (n - 1) + 1
+    everyone = frozenset(range(n))
+    after_rs = states[n - 1]
+    for r in range(n):  # after reduce-scatter rank r owns chunk (r + 1) % n
+        assert after_rs[r][(r + 1) % n] == everyone
+        assert sum(c == everyone for c in after_rs[r]) == 1
+    assert all(c == everyone for rank in states[-1] for c in rank)
+    assert len(figs.draw_ring_schedule(n).axes) >= 2 * (n - 1) + 1
+
+
+# ------------------------------------------------------------ the demonstrations
+
+
+def test_chapter_demos_on_two_ranks():
+    out = launch(D.chapter_demos_rank, (12, 4), 1 << 14, world_size=2, backend="gloo")
+    demo = out[0]
+    tokens = demo["token_mean"]
+    assert tokens["mean_of_means"]["relative"] > 1e-2  # unequal counts: wrong
+    for fixed in ("global_count", "global_count_ddp"):
+        assert tokens[fixed]["relative"] < 1e-5
+        assert tokens[fixed]["loss"] == pytest.approx(tokens["reference_loss"])
+    buckets = demo["ddp_buckets"]
+    for view in (False, True):
+        rows = [r for r in buckets if r["gradient_as_bucket_view"] is view]
+        assert [r["buckets"] for r in rows] == [1, 2, 2]  # one, then rebuilt
+        assert all(r["grads_are_bucket_views"] is view for r in rows)
+        assert all(r["bytes_of_buckets"] == r["bytes_of_grads"] for r in rows)
+    dtype = demo["reduce_dtype"]
+    assert dtype["fp32"]["relative"] < 1e-6
+    assert dtype["bf16_cast"]["relative"] <= dtype["bf16"]["relative"]
+    assert 1e-4 < dtype["bf16"]["relative"] < dtype["bf16_unit_roundoff"]
+    assert [t["send_chunk"] for t in demo["ring_trace"]] == [0, 1]
+    acc = D.accumulation_error(micro_batches=8, numel=1 << 12)
+    assert acc["bf16"] > 1e3 * acc["fp32"]
+
+
+# ------------------------------------------------------------- analytic models
+
+
+def _saved_bytes(fn, *args, params=()) -> int:
+    """Bytes autograd saves for backward while ``fn(*args)`` runs, each storage
+    once, leaving out the storage of ``params`` (a linear layer saves a transposed
+    view of its weight)."""
+    saved: dict[int, int] = {}
+    weights = {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(saved.values())
+
+
+def test_swiglu_count_matches_what_autograd_saves_for_its_mlp_and_attention():
+    s, b, h, a, f = 16, 2, 32, 4, 88
+    bf16 = torch.bfloat16
+    torch.manual_seed(0)
+    w1, w3 = torch.nn.Linear(h, f, bias=False), torch.nn.Linear(h, f, bias=False)
+    w2 = torch.nn.Linear(f, h, bias=False)
+    for m in (w1, w2, w3):
+        m.to(bf16)
+    x = torch.randn(s * b, h, dtype=bf16, requires_grad=True)
+    params = [m.weight for m in (w1, w2, w3)]
+    mlp = _saved_bytes(lambda t: w2(F.silu(w1(t)) * w3(t)), x, params=params)
+    assert mlp == 2 * s * b * h + 8 * s * b * f  # the docstring's SwiGLU term
+    q, k, v = (
+        torch.randn(b, a, s, h // a, dtype=bf16, requires_grad=True) for _ in range(3)
+    )
+    core = _saved_bytes(
+        lambda *t: F.scaled_dot_product_attention(*t, is_causal=True), q, k, v
+    )
+    assert core == 8 * s * b * h + 4 * a * s * b  # Q, K, V, output, fp32 log-sum-exp
+    total = figs.swiglu_layer_activation_bytes(s, b, h, a, f)
+    norms = 2 * (2 * s * b * h + 4 * s * b)
+    qkv_input = 2 * s * b * h
+    assert total == norms + qkv_input + core + mlp
+
+
+def test_dp_memory_rows_use_the_swiglu_count_for_llama_and_gpt_for_gpt2():
+    llama = figs.dp_memory_rows("LLaMA-2 7B")[0]["activations"]
+    shape = figs.MODELS["LLaMA-2 7B"]
+    per_layer = figs.swiglu_layer_activation_bytes(
+        2048, 1, shape["hidden"], shape["heads"], 11008
+    )
+    assert llama == 32 * per_layer
+    assert 37 < per_layer / (2048 * shape["hidden"]) < 38  # ~37.5 sbh, not 34
+    gpt = figs.dp_memory_rows("GPT-2 XL (1.5B)")[0]["activations"]
+    g = figs.MODELS["GPT-2 XL (1.5B)"]
+    assert gpt == 34 * 2048 * g["hidden"] * g["layers"]  # Korthikanti, selective
+    assert figs.logits_bytes(2048, 1, 32000) == 6 * 2048 * 32000
+
+
+def test_dp_memory_limit_legend_is_outside_the_bars():
+    fig = figs.draw_dp_memory_limit("LLaMA-2 7B", "H100 SXM")
+    assert fig.legends and all(ax.get_legend() is None for ax in fig.axes)
+    assert fig.get_size_inches()[0] <= figs.WIDTH
+
+
+def test_critical_batch_balances_compute_and_communication():
+    for n, busbw in [(8, 450e9), (64, 50e9)]:
+        b_star = figs.critical_tokens_per_device(n, busbw)
+        for psi in (1e9, 7e9, 70e9):  # independent of the model's size
+            t = figs.dp_step_times(psi, b_star, n, busbw)
+            assert t["compute"] == pytest.approx(t["comm"])
+    fast = figs.critical_tokens_per_device(8, 450e9)
+    slow = figs.critical_tokens_per_device(8, 50e9)
+    assert slow == pytest.approx(9 * fast)
+    fp32 = figs.critical_tokens_per_device(8, 450e9, grad_bytes=4)
+    assert fp32 == pytest.approx(2 * fast)
+    assert len(figs.draw_compute_vs_comm().axes) == 1
+
+
+def test_overlap_rows_and_zoom(naive_and_bucketed):
+    rows = figs.overlap_rows(naive_and_bucketed["bucketed"])
+    assert [r["rank"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["messages"] == 3
+        assert 0 <= r["hidden_s"] <= r["comm_s"]
+        assert r["comm"][0] < r["backward"][1]  # the first bucket starts in backward
+    naive = figs.overlap_rows(naive_and_bucketed["naive"])
+    assert all(r["comm"][0] >= r["backward"][1] for r in naive)
+    assert len(figs.draw_overlap_zoom(naive_and_bucketed["bucketed"]).axes) == 1

@@ -6,6 +6,8 @@ ranks' inputs, the anatomy against the analytic model and a single-process run.
 """
 
 import dataclasses
+import re
+import statistics
 import subprocess
 import textwrap
 
@@ -18,7 +20,7 @@ from utils.comm import alpha_beta_time, bus_factor, bytes_sent, fit_alpha_beta
 from utils.foundations import exercises as ex
 from utils.foundations import figures as fig
 from utils.hardware import ACCELERATORS, GB
-from utils.memory_model import model_state_bytes
+from utils.memory_model import mlp_activation_bytes, model_state_bytes
 from utils.models import MLP, mlp_batch
 
 # --------------------------------------------------------------------- config
@@ -131,6 +133,58 @@ def test_busbw_is_positive_and_uses_the_all_reduce_factor(reports):
     assert all(r.extra.busbw == rs[0].extra.busbw for r in rs)
 
 
+def test_busbw_rows_report_the_spread_of_the_slowest_rank(reports):
+    cfg, rs = reports
+    for row in fig.busbw_rows(rs):
+        assert row["warmup"] == cfg.warmup and row["iters"] == cfg.iters
+        assert len(row["times_s"]) == cfg.iters
+        assert row["time_min_s"] == min(row["times_s"])
+        assert row["time_max_s"] == max(row["times_s"])
+        assert row["time_s"] == pytest.approx(statistics.median(row["times_s"]))
+        assert (
+            row["time_min_s"]
+            <= row["time_p10_s"]
+            <= row["time_s"]
+            <= row["time_p90_s"]
+            <= row["time_max_s"]
+        )
+    analysis = fig.busbw_analysis(fig.busbw_rows(rs), cfg.world_size)
+    assert analysis["points"] == len(cfg.message_sizes())
+    assert set(fig.busbw_sentences(analysis)) == {"growth", "dips", "fit"}
+
+
+def test_wire_rows_put_counted_beside_modelled(reports):
+    cfg, rs = reports
+    rows = fig.wire_rows(rs)
+    assert [w["rank"] for w in rows] == list(range(cfg.world_size))
+    for w, r in zip(rows, rs):
+        assert w["modelled"] == r.comm_bytes and w["source"] == "modelled"
+        if w["counted"] is None:  # no TCP counters here (not Linux)
+            continue
+        # gloo's ring sends the modelled bytes plus 48-byte preambles, nothing less
+        assert w["difference"] == w["counted"] - w["modelled"] >= 0
+        assert w["difference"] % fig.GLOO_PREAMBLE_BYTES == 0
+        assert w["preambles"] == w["difference"] // fig.GLOO_PREAMBLE_BYTES
+        assert w["difference"] < 0.01 * w["modelled"] + 10_000
+
+
+def test_anatomy_totals_are_exact_and_split_only_the_activations(reports):
+    cfg, rs = reports
+    totals = fig.anatomy_totals(rs)
+    want = model_state_bytes(rs[0].num_params, mixed_precision=False).total
+    assert totals["states_per_rank"] == pytest.approx(want, rel=0.01)
+    assert totals["same_states"]
+    assert totals["states_all"] == cfg.world_size * totals["states_per_rank"]
+    # 16 B per parameter, plus Adam's fp32 "step" scalar per parameter tensor
+    assert totals["states_formula"] == want
+    extra = totals["states_per_rank"] - want
+    assert extra in (0, 4 * totals["param_tensors"])
+    assert totals["global_batch"] == cfg.batch_size
+    per_rank = fig.anatomy_prediction(rs[0])["activations"]
+    assert totals["acts_one_device"] == cfg.world_size * per_rank
+    assert totals["acts_one_device"] > mlp_activation_bytes(cfg.batch_size, cfg.sizes)
+
+
 def test_anatomy_model_states_match_the_analytic_model(reports):
     cfg, rs = reports
     expected = model_state_bytes(rs[0].num_params, mixed_precision=False)
@@ -225,6 +279,78 @@ def test_fit_alpha_beta_recovers_a_synthetic_link():
         fit_alpha_beta(sizes, times, 1)
 
 
+def _sweep(times, spread=0.1):
+    """Synthetic time_all_reduce rows: sizes 4 KiB x 4^k, given median times."""
+    rows = []
+    for k, t in enumerate(times):
+        size = 4096 * 4**k
+        rows.append(
+            {
+                "bytes": size,
+                "time_s": t,
+                "time_p10_s": t * (1 - spread),
+                "time_p90_s": t * (1 + spread),
+                "algbw": size / t,
+                "busbw": size / t * 1.5,
+                "iters": 20,
+                "warmup": 5,
+            }
+        )
+    return rows
+
+
+def test_busbw_analysis_follows_a_clean_alpha_beta_sweep():
+    n, alpha, beta = 4, 20e-6, 1 / 2e9  # crossover near 160 KB
+    times = [alpha_beta_time(4096 * 4**k, n, alpha, beta) for k in range(7)]
+    analysis = fig.busbw_analysis(_sweep(times), n)
+    assert analysis["alpha"] == pytest.approx(alpha, rel=1e-6)
+    assert analysis["beta"] == pytest.approx(beta, rel=1e-6)
+    assert analysis["fit_in_band"] == 7 and analysis["dips"] == []
+    assert (analysis["small"]["from"], analysis["small"]["to"]) == (4096, 65536)
+    assert (analysis["large"]["from"], analysis["large"]["to"]) == (2**20, 2**24)
+    assert analysis["small"]["phrase"].startswith("hardly changed")
+    assert "close to the 16x" in analysis["large"]["phrase"]
+    text = fig.busbw_sentences(analysis)
+    assert text["dips"] == "The medians rose with every step in size."
+    assert text["growth"].startswith("From 4.0 KiB to 64.0 KiB (16x the bytes)")
+    assert "inside the p10-p90 bar at 7 of the 7 sizes" in text["fit"]
+
+
+def test_busbw_analysis_reports_a_noisy_sweep_as_it_is():
+    # the review's run: 4 KiB 5405 us, 256 KiB 7438 us, 1 MiB 2134 us, ...
+    times = [5405e-6, 5000e-6, 6000e-6, 7438e-6, 2134e-6, 4000e-6, 20000e-6]
+    analysis = fig.busbw_analysis(_sweep(times, spread=0.5), 4)
+    assert analysis["dips"] == [(4096, 16384), (262144, 1048576)]
+    assert analysis["dips_in_spread"] == [True, False]
+    assert not analysis["small"]["phrase"].startswith("grew")
+    text = fig.busbw_sentences(analysis)
+    assert "did not rise at every step" in text["dips"]
+    assert "1 of these 2 dips" in text["dips"]
+
+
+def test_growth_phrase_says_what_the_ratio_is():
+    assert fig.growth_phrase(0.5, 16).startswith("fell")
+    assert fig.growth_phrase(1.2, 16).startswith("hardly changed")
+    assert fig.growth_phrase(3.0, 16).startswith("grew 3.0x, far less")
+    assert fig.growth_phrase(8.7, 16).startswith("grew 8.7x, less than the 16x")
+    assert fig.growth_phrase(14.0, 16).startswith("grew 14.0x, close to")
+
+
+def test_fits_widget_prerenders_every_choice_for_the_static_book():
+    widget = fig.fits_widget()
+    assert widget.values() == {"billions": 7, "convention": "mixed-16"}
+    sizes, conventions = len(fig.FIT_BILLIONS), len(fig.FIT_CONVENTIONS)
+    assert len(widget.figure.children) == sizes  # a Stack per size ...
+    for stack in widget.figure.children:
+        assert len(stack.children) == conventions  # ... of one figure per convention
+        assert all(
+            o.outputs[0]["output_type"] == "display_data" for o in stack.children
+        )
+    assert len(widget.links) == 1 + sizes  # every control drives its Stacks
+    with pytest.raises(ValueError, match="live=True"):
+        fig.fits_widget(billions=8)
+
+
 def test_value_origins_names_single_sources_and_sums():
     grid = {"before": [[10, 11], [20, 21]], "after": [[10, 21], [30, 32]]}
     assert fig.value_origins(grid) == [[0, 1], [None, None]]
@@ -232,7 +358,7 @@ def test_value_origins_names_single_sources_and_sums():
 
 def test_draw_fits_and_its_widget():
     assert fig.draw_fits(70, "mixed-16", 8).axes
-    widget = fig.fits_widget(billions=13)
+    widget = fig.fits_widget(billions=13, live=True)  # free controls, live kernel
     assert widget.values() == {"billions": 13, "convention": "mixed-16", "devices": 1}
     widget.controls["devices"].value = 4  # redraws without raising
     assert widget.figure.outputs[0]["output_type"] == "display_data"
@@ -292,6 +418,46 @@ def test_check_state_bytes_accepts_the_answer_and_rejects_fp32_split():
     ex.check_state_bytes(right)
     with pytest.raises(AssertionError, match="mixed_precision=True"):
         ex.check_state_bytes(wrong)
+
+    def mixed_always(n, mixed_precision=True):
+        return (2 * n, 2 * n, 12 * n)  # ignores the flag
+
+    with pytest.raises(AssertionError, match="mixed_precision=False"):
+        ex.check_state_bytes(mixed_always)
+
+
+def test_check_optimizer_sharded_accepts_the_answer_only():
+    ex.check_optimizer_sharded(38_500_000_000, 63_000_000_000)  # 5.5 and 9 B/param
+    with pytest.raises(AssertionError, match="every state split"):
+        ex.check_optimizer_sharded(14_000_000_000, 14_000_000_000)  # 16 B / 8
+    with pytest.raises(AssertionError, match="mixed_bytes"):
+        ex.check_optimizer_sharded(63_000_000_000, 38_500_000_000)  # swapped
+    with pytest.raises(AssertionError, match="fp32_bytes"):
+        ex.check_optimizer_sharded(38_500_000_000, 38_500_000_000)  # mixed split twice
+    with pytest.raises(AssertionError, match="number of bytes"):
+        ex.check_optimizer_sharded("38.5 GB", 63e9)
+
+
+def test_check_crossover_bytes_accepts_n_alpha_over_beta_only():
+    ex.check_crossover_bytes(lambda alpha, beta, n: n * alpha / beta)
+    for wrong in (
+        lambda alpha, beta, n: alpha / beta,  # forgot the chunk size S / N
+        lambda alpha, beta, n: 2 * (n - 1) * alpha / beta,  # kept 2(N-1), lost 1/N
+        lambda alpha, beta, n: (n - 1) * alpha / beta,
+    ):
+        with pytest.raises(AssertionError, match="must be equal"):
+            ex.check_crossover_bytes(wrong)
+    with pytest.raises(AssertionError, match="not a number"):
+        ex.check_crossover_bytes(lambda alpha, beta, n: None)
+
+
+def test_chapter_numbers_its_exercises_in_order():
+    text = open("chapters/00-foundations.md").read()
+    titles = re.findall(r"````\{exercise-start\} (\S+): ", text)
+    assert titles == [f"0.{k}" for k in range(1, len(titles) + 1)] and titles
+    assert text.count(":nonumber:") == len(titles)  # the subtitle carries the number
+    for label in re.findall(r"\{exercise-start\}[^\n]*\n:label: (\S+)", text):
+        assert f"{{solution-start}} {label}" in text
 
 
 def test_check_all_reduce_accepts_the_reference(tmp_path):

@@ -18,6 +18,7 @@ from utils.report import CATEGORIES, RankReport, format_bytes
 from utils.widgets import (
     InteractiveFigure,
     figure_output,
+    fluid,
     interactive_figure,
     memory_per_rank,
     memory_timeline,
@@ -165,6 +166,100 @@ def test_plot_memory_timeline_one_line_per_rank():
         plots.plot_memory_timeline(reports(), rank=5)
 
 
+def rendered(fig):
+    """The figure drawn with Agg (as for its PNG), and the renderer, for text boxes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def equal_reports(world_size=4):
+    """Every rank records the same bytes: what data parallelism gives."""
+    out = []
+    for rank in range(world_size):
+        memory = [
+            entry("init", None, params=4 * MiB),
+            entry("forward", 0, params=4 * MiB, activations=2 * MiB),
+            entry("step", 0, params=4 * MiB, grads=4 * MiB, optimizer=8 * MiB),
+        ]
+        out.append(RankReport(rank, world_size, "gloo", "cpu", MiB, memory=memory))
+    return out
+
+
+@pytest.mark.parametrize(
+    "make, phase, kind, predicted",
+    [
+        # the tallest category (optimizer) is not the top one: zero-height bars of
+        # activations and other sit on top of every column
+        (reports, -1, "current", None),
+        (reports, -1, "peak", None),
+        (reports, "forward (step 0)", "current", None),
+        (equal_reports, -1, "current", {"params": 4 * MiB, "optimizer": 2 * MiB}),
+        (equal_reports, 0, "peak", StateBytes(4 * MiB, 4 * MiB, 8 * MiB, 0)),
+    ],
+)
+def test_memory_per_rank_totals_clear_the_title(make, phase, kind, predicted):
+    fig = plots.plot_memory_per_rank(make(), phase, kind, predicted)
+    renderer = rendered(fig)
+    ax = fig.axes[0]
+    title = ax.title.get_window_extent(renderer)
+    frame = ax.get_window_extent(renderer)
+    labels = [t for t in ax.texts if t.get_text()]
+    assert len(labels) == len(ax.get_xticks())  # one total per rank
+    for text in labels:
+        box = text.get_window_extent(renderer)
+        assert not box.overlaps(title), (
+            f"total {text.get_text()!r} at {box} overlaps the title at {title}"
+        )
+        assert box.y1 <= frame.y1, f"total {text.get_text()!r} pokes out of the axes"
+
+
+def test_memory_per_rank_leaves_head_room_when_nothing_is_recorded():
+    empty = [
+        RankReport(r, 2, "gloo", "cpu", 1, memory=[entry("init", None)])
+        for r in range(2)
+    ]
+    fig = plots.plot_memory_per_rank(empty)
+    assert fig.axes[0].get_ylim() == (0, 1)
+    rendered(fig)
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_timeline_shows_every_rank_when_ranks_are_equal(world_size):
+    fig = plots.plot_memory_timeline(equal_reports(world_size), "current")
+    rendered(fig)  # lay the figure out as its PNG is, so pixel positions are final
+    top = fig.axes[0]
+    lines = top.get_lines()
+    assert [line.get_label() for line in lines] == [
+        f"rank {r}" for r in range(world_size)
+    ]
+    for line in lines:  # the values themselves are not shifted
+        assert list(line.get_ydata()) == [4, 6, 16]
+    styles = [(line.get_marker(), line.get_linestyle()) for line in lines]
+    assert len(set(styles)) == world_size, f"ranks share a style: {styles}"
+    # on screen, equal points of two ranks lie side by side, markers apart
+    points = [top.transData.transform(line.get_xydata()) for line in lines]
+    for i in range(world_size):
+        for j in range(i):
+            apart = abs(points[i][:, 0] - points[j][:, 0]).min()
+            assert apart >= 4, f"ranks {j} and {i} are {apart:.1f} px apart"
+    # and every nudge stays well inside its phase
+    for line in lines:
+        shift = [x - round(x) for x in line.get_xdata()]
+        assert max(map(abs, shift)) <= plots.RANK_DODGE / 2 + 1e-9
+    assert top.get_legend().get_title().get_text()  # says why they are apart
+
+
+def test_timeline_of_one_rank_is_not_nudged():
+    (report,) = equal_reports(1)
+    fig = plots.plot_memory_timeline([report])
+    assert list(fig.axes[0].get_lines()[0].get_xdata()) == [0, 1, 2]
+    assert plots.rank_offsets(0) == []
+    assert plots.rank_offsets(3) == pytest.approx([-0.15, 0, 0.15])
+
+
 def test_figures_display_as_png_without_pyplot():
     fig = plots.plot_memory_per_rank(reports())
     assert fig._repr_png_().startswith(PNG_MAGIC)
@@ -282,3 +377,44 @@ def test_memory_widgets_prerender_only_when_asked_or_few():
     assert isinstance(
         memory_timeline(reports(), prerender=False).figure, widgets.Output
     )
+
+
+def fits_a_phone(layout: widgets.Layout) -> bool:
+    """No fixed pixel width that a phone's ~360 px column could not hold."""
+    width, cap = layout.width or "", layout.max_width or ""
+    return not width.endswith("px") and bool(cap)
+
+
+def test_controls_and_figures_are_fluid_on_a_phone():
+    def draw(n, label, wide):
+        return Figure(figsize=(1, 1))
+
+    w = interactive_figure(
+        draw,
+        n=(1, 9),
+        label=widgets.ToggleButtons(options=["a", "b", "c", "d"]),
+        wide=widgets.Dropdown(options=[1, 2], layout=widgets.Layout(width="460px")),
+    )
+    for name, control in w.controls.items():
+        assert fits_a_phone(control.layout), (name, control.layout)
+    # a width the caller chose stays the most the control takes
+    assert w.controls["wide"].layout.width == "100%"
+    assert w.controls["wide"].layout.max_width == "460px"
+    assert w.controls["n"].layout.max_width == "100%"
+    assert w.layout.max_width == "100%"
+    assert w.children[0].layout.flex_flow == "row wrap"
+    assert w.figure.layout.max_width == "100%" and w.figure.layout.overflow == "auto"
+    stacked = memory_per_rank(reports())
+    assert isinstance(stacked.figure, widgets.Stack)
+    assert stacked.figure.layout.overflow == "auto"
+    for control in [
+        *stacked.controls.values(),
+        *memory_timeline(reports()).controls.values(),
+    ]:
+        assert fits_a_phone(control.layout)
+
+
+def test_fluid_keeps_a_width_in_percent_and_a_max_width_given():
+    assert fluid(widgets.Layout(width="50%")).max_width == "100%"
+    kept = fluid(widgets.Layout(width="600px", max_width="80%"))
+    assert (kept.width, kept.max_width) == ("100%", "80%")

@@ -302,17 +302,32 @@ def ring_all_reduce(
 
 # [busbw-start]
 def time_all_reduce(
-    sizes_bytes, impls=None, *, warmup: int = 3, iters: int = 5, device=None
+    sizes_bytes, impls=None, *, warmup: int = 5, iters: int = 20, device=None
 ) -> list[dict]:
     """Time all-reduce on float32 buffers of each size, inside every rank.
 
+    Measured the way nccl-tests' ``all_reduce_perf`` does (its README: ``-n 20``
+    timed iterations by default; ``-w`` untimed warm-up ones, 5 until 2025, now 1
+    per size over the whole sweep): ``warmup`` untimed calls, then ``iters`` timed
+    ones. By default nccl-tests times the ``iters`` calls back to back and reports
+    their mean, averaged over ranks (``-I 1`` adds per-iteration timings; in MPI
+    builds ``-a 3`` reports the slowest rank). Here every call is timed on its own,
+    after a barrier, so the spread across iterations can be reported; and since an
+    all-reduce is over when its slowest rank is, each iteration's time is the
+    slowest rank's.
+
     ``impls`` maps a name to a function that sums a tensor over the ranks in place
     (default: the backend's ``dist.all_reduce``); they alternate, so a busy machine
-    slows them alike. One row per (size, impl): ``time_s``, the median over
-    ``iters`` (after ``warmup`` untimed calls) of the slowest rank's time, since an
-    all-reduce is over when its slowest rank is; ``algbw = S / t`` and
-    ``busbw = algbw * 2(n-1)/n``, as nccl-tests defines them.
+    slows them alike. One row per (size, impl), the same on every rank:
+
+    * ``time_s``: the median over iterations; ``algbw = S / t`` and
+      ``busbw = algbw * 2(n-1)/n`` from it, as nccl-tests defines them;
+    * ``time_p10_s``, ``time_p90_s``, ``time_min_s``, ``time_max_s``: the spread
+      (10th and 90th percentiles, linear interpolation; min and max);
+    * ``times_s``: every iteration's slowest-rank time; ``warmup``, ``iters``.
     """
+    check_int("iters", iters)
+    check_int("warmup", warmup, minimum=0)
     n = dist.get_world_size()
     device = torch.device("cpu") if device is None else device
     impls = impls or {"builtin": dist.all_reduce}
@@ -330,10 +345,12 @@ def time_all_reduce(
                 synchronize(device)
                 if i >= warmup:
                     times[j, i - warmup] = perf_counter() - start
-        slowest = times.to(device)
+        slowest = times.to(device)  # per iteration: the slowest rank's time
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         for j, name in enumerate(impls):
-            t = statistics.median(slowest[j].tolist())
+            ts = slowest[j].cpu().tolist()
+            t = statistics.median(ts)
+            p10, p90 = np.percentile(ts, [10, 90]).tolist()
             algbw = nbytes(buffer) / t
             rows.append(
                 {
@@ -342,6 +359,13 @@ def time_all_reduce(
                     "time_s": t,
                     "algbw": algbw,
                     "busbw": algbw * bus_factor("all_reduce", n),
+                    "time_p10_s": p10,
+                    "time_p90_s": p90,
+                    "time_min_s": min(ts),
+                    "time_max_s": max(ts),
+                    "times_s": ts,
+                    "warmup": warmup,
+                    "iters": iters,
                 }
             )
     return rows

@@ -38,6 +38,19 @@ CATEGORY_COLORS = {
 FIGURE_DPI = 100
 """Resolution of every PNG the course saves (~50 KiB for a 7x4 inch figure)."""
 
+HEADROOM = 1.15
+"""The y axis of a bar chart with totals above the bars reaches this times the
+tallest bar: room for a label line between the bars and the title."""
+
+RANK_STYLES = (("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "-"),
+               ("P", "--"), ("X", ":"), ("*", "-."))  # fmt: skip
+"""Marker and line style of the i-th rank's line, ranks in order:
+``RANK_STYLES[i % 8]``."""
+
+RANK_DODGE = 0.3
+"""The most that the ranks' lines of a timeline are nudged apart sideways, in
+phases (rank 0 leftmost), so ranks with equal values stay visible side by side."""
+
 
 def figure_png(fig: Figure, dpi: int = FIGURE_DPI) -> bytes:
     """The figure as PNG bytes: what the book stores and shows."""
@@ -269,7 +282,11 @@ def plot_memory_per_rank(
                 hatch="///",
             )
             bottom = [b + h for b, h in zip(bottom, heights)]
-    ax.margins(y=0.1)  # room for the totals above the bars
+    # Head room for the totals printed above the bars, so they stay inside the axes
+    # and clear of the title. Set explicitly: ``ax.margins`` does not work here,
+    # since a category with no bytes stacks a zero-height bar on top of each
+    # column, whose sticky edge pins the autoscaled top to the tallest total.
+    ax.set_ylim(0, HEADROOM * max(totals + pred_totals) / scale or 1)
     ax.set_xticks(xs, [f"rank {r}" for r in ranks])
     ax.set_ylabel(f"{kind} memory ({unit})")
     ax.set_title(f"{kind.capitalize()} memory per rank: {label}")
@@ -283,11 +300,21 @@ def plot_memory_per_rank(
     return fig
 
 
+def rank_offsets(n: int) -> list[float]:
+    """How far (in phases) each of ``n`` ranks' timeline lines is nudged sideways:
+    evenly spread over at most :data:`RANK_DODGE`, centred on the phase."""
+    if n < 2:
+        return [0.0] * n
+    step = min(0.15, RANK_DODGE / (n - 1))
+    return [(i - (n - 1) / 2) * step for i in range(n)]
+
+
 def plot_memory_timeline(
     reports: Sequence[Any], kind: str = "current", rank: int = 0
 ) -> Figure:
-    """Top: each rank's total memory over the phases. Bottom: ``rank``'s memory
-    stacked by category at each phase."""
+    """Top: each rank's total memory over the phases, one line per rank, nudged
+    apart sideways (:func:`rank_offsets`) so equal ranks do not hide one another.
+    Bottom: ``rank``'s memory stacked by category at each phase."""
     names = phases(reports)
     series = timeline_series(reports, kind)
     if rank not in series:
@@ -300,13 +327,28 @@ def plot_memory_timeline(
 
     fig = InlineFigure(figsize=(8, 6), layout="constrained")
     top, bottom_ax = fig.subplots(2, 1, sharex=True)
-    for r, rows in series.items():
+    # Ranks often hold the same bytes (data parallelism replicates everything), and
+    # equal lines drawn on one another would show only the last rank. So each rank
+    # has its own marker and line style and sits slightly to the side: the values
+    # stay exact, and every rank is visible.
+    shifts = rank_offsets(len(series))
+    for i, (r, rows) in enumerate(series.items()):
         ys = [float("nan") if v is None else v / scale for v in rows["total"]]
-        top.plot(xs, ys, marker="o", label=f"rank {r}")
+        marker, style = RANK_STYLES[i % len(RANK_STYLES)]
+        top.plot(
+            [x + shifts[i] for x in xs],
+            ys,
+            marker=marker,
+            linestyle=style,
+            markersize=6,
+            label=f"rank {r}",
+        )
     top.set_ylim(bottom=0)
     top.set_ylabel(f"total ({unit})")
     top.set_title(f"{kind.capitalize()} memory over the run")
-    top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    legend = top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    if len(series) > 1:
+        legend.set_title("ranks side by side\nat each phase", prop={"size": 8})
     top.grid(alpha=0.3)
 
     base = [0.0] * len(names)

@@ -93,8 +93,13 @@ class InteractiveFigure(widgets.VBox):
         self.draw, self.controls, self.figure = draw, controls, figure
         self.links = list(links)
         box = widgets.HBox(
-            list(controls.values()), layout=widgets.Layout(flex_flow="row wrap")
+            list(controls.values()),
+            layout=widgets.Layout(flex_flow="row wrap", width="100%"),
         )
+        # The figure's box scrolls sideways rather than pushing the page wider
+        # (the book's _css/course.css keeps figures legible on a phone).
+        fluid(figure.layout).overflow = "auto"
+        kwargs.setdefault("layout", widgets.Layout(max_width="100%"))
         super().__init__([box, figure], **kwargs)
 
     def values(self) -> dict[str, Any]:
@@ -109,14 +114,31 @@ class InteractiveFigure(widgets.VBox):
             _show_error(self.figure)
 
 
+def fluid(layout: widgets.Layout) -> widgets.Layout:
+    """Make ``layout`` fit any screen: never wider than its container (a phone is
+    ~360 px of text wide), and a fixed pixel width becomes the largest width of a
+    full-width widget (``width="420px"`` -> ``width="100%"``,
+    ``max_width="420px"``). Returns ``layout``, changed in place."""
+    width = layout.width or ""
+    if width.endswith("px"):
+        if layout.max_width in (None, "", "100%"):
+            layout.max_width = width
+        layout.width = "100%"
+    elif not layout.max_width:
+        layout.max_width = "100%"
+    return layout
+
+
 def _control(name: str, abbrev: Any) -> widgets.ValueWidget:
-    """A widget from an ipywidgets ``interact`` abbreviation, labelled ``name``."""
+    """A widget from an ipywidgets ``interact`` abbreviation, labelled ``name``,
+    with a :func:`fluid` layout."""
     control = widgets.interactive.widget_from_abbrev(abbrev)
     if control is None or isinstance(control, widgets.fixed):
         raise TypeError(f"control {name!r}: cannot make a widget from {abbrev!r}")
     if not control.description:
         control.description = name.replace("_", " ")
     control.style.description_width = "initial"
+    fluid(control.layout)
     if hasattr(control, "continuous_update"):
         control.continuous_update = False  # redraw on release, not every pixel
     return control

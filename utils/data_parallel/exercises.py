@@ -1,15 +1,23 @@
 """Checks for the exercises of chapter 1, "Data parallelism".
 
-1. Write the gradient-averaging step with ``all_reduce``:
-   :func:`check_average_gradients` runs your function at world size 2 and compares
-   the gradients with torch's DistributedDataParallel on the same data.
-2. Predict the bytes one rank sends per step: :func:`check_bytes_per_rank`
-   compares your number with what a lab run measured.
-3. Predict the memory per rank: :func:`check_memory_per_rank` compares with the
-   lab's measured model states.
+Exercise 1.1, write the gradient-averaging step with ``all_reduce``:
+    :func:`check_average_gradients` runs your function at world size 2 and compares
+    the gradients with torch's DistributedDataParallel on the same data.
+Exercise 1.2, predict the bytes one rank sends in a step with gradient accumulation:
+    :func:`check_bytes_per_rank` compares your number with what the kernel counted
+    leaving that rank's sockets (``RankReport.wire_bytes``, ``utils.wire``), less
+    gloo's framing; only where nothing was counted (NCCL, not Linux) with the
+    lab's modelled figure, and it says so.
+Exercise 1.3, predict how many all-reduces torch's DDP launches per step:
+    :func:`check_ddp_buckets` compares with the buckets the lab's comm hook saw.
 
-A function that runs inside ranks must be importable, so exercise 1 has you write it
-to a file outside the book (:func:`exercise_file`) with ``%%writefile``.
+:func:`check_memory_per_rank` (the replica's model-state bytes) is no longer an
+exercise: the chapter states its answer, 16 bytes per parameter.
+
+A function that runs inside ranks must be importable, so exercise 1.1 has you write
+it to a file outside the book (:func:`exercise_file`) with ``%%writefile``. Every
+check raises ``AssertionError`` on a wrong answer (``tests/test_data_parallel.py``
+feeds each one plausible wrong answers).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from utils.exercises import load_function, run_in_ranks
 from utils.models import MLP, mlp_batch, shard_batch
+from utils.report import field_of
 
 SIZES = (16, 32, 8)
 WORLD_SIZE = 2
@@ -71,10 +80,16 @@ def check_average_gradients(path, name: str = "average_gradients") -> None:
     )
 
 
-def _close(answer, measured: float, what: str) -> None:
+def _number(answer) -> float:
     if isinstance(answer, bool) or not isinstance(answer, (int, float)):
         raise AssertionError(f"answer with a number of bytes, got {answer!r}")
-    if abs(answer - measured) > 0.01 * measured:
+    return float(answer)
+
+
+def _close(answer, measured: float, what: str, slack: float = 0.0) -> None:
+    """Within 1% of ``measured``, plus ``slack`` bytes."""
+    answer = _number(answer)
+    if abs(answer - measured) > 0.01 * measured + slack:
         side = "high" if answer > measured else "low"
         raise AssertionError(
             f"{answer:,.0f} B is too {side}: the lab measured {measured:,.0f} B {what}"
@@ -83,10 +98,74 @@ def _close(answer, measured: float, what: str) -> None:
 
 
 def check_bytes_per_rank(answer: float, report) -> None:
-    """Your predicted bytes sent by one rank per step, against ``report`` (a lab
-    run's RankReport); within 1%."""
-    where = f"(rank {report.rank} of {report.world_size}, per step)"
-    _close(answer, report.comm_bytes, where)
+    """Your predicted payload bytes sent by one rank in the last step of a lab run.
+
+    Compared with the bytes the kernel counted on that rank's TCP sockets
+    (``report.wire_bytes``): within 1%, plus gloo's framing for the step's
+    all-reduces (:func:`utils.data_parallel.figures.gloo_framing_bytes`, 144 B per
+    transfer), which no payload formula includes. Where nothing was counted
+    (``wire_bytes`` is None: NCCL, or not Linux) the reference is the lab's
+    ``comm_bytes``, which is modelled unless the course's ring ran, and the message
+    says which.
+    """
+    from utils.data_parallel.figures import gloo_framing_bytes  # matplotlib: lazily
+
+    extra = field_of(report, "extra")
+    n = field_of(report, "world_size")
+    rank = field_of(report, "rank")
+    calls = sum(e["kind"] == "comm" for e in field_of(extra, "timeline")[-1])
+    ring = field_of(extra, "config")["allreduce"] == "ring"
+    wire = field_of(report, "wire_bytes")
+    if wire is not None:
+        slack = gloo_framing_bytes(calls, n, ring=ring)
+        where = (
+            f"leaving rank {rank}'s sockets in its last step (counted by the kernel; "
+            f"{calls} all-reduces, up to {slack:,} B of it gloo's framing)"
+        )
+        _close(answer, wire, where, slack)
+    else:
+        source = field_of(report, "comm_source")
+        where = f"for rank {rank}'s last step ({source}: no TCP counters here)"
+        _close(answer, field_of(report, "comm_bytes"), where)
+
+
+def check_ddp_buckets(answer, report) -> None:
+    """Your ``(first, later)``: the all-reduces torch's DDP launched in the first
+    step of a lab run (``--impl ddp``), and in each later step, against the buckets
+    its comm hook recorded (``report.extra.timeline``)."""
+    per_step = [
+        sum(e["kind"] == "comm" for e in step)
+        for step in field_of(field_of(report, "extra"), "timeline")
+    ]
+    if len(per_step) < 2 or len(set(per_step[1:])) != 1:
+        raise ValueError(f"needs a ddp run of >= 2 steps, got buckets {per_step}")
+    ok = (
+        isinstance(answer, (tuple, list))
+        and len(answer) == 2
+        and all(isinstance(a, int) and not isinstance(a, bool) for a in answer)
+    )
+    if not ok:
+        raise AssertionError(f"answer with two integers (first, later), got {answer!r}")
+    measured = (per_step[0], per_step[1])
+    if tuple(answer) != measured:
+        hints = []
+        if answer[0] != measured[0]:
+            hints.append(
+                "the first step: DDP builds its reducer with every parameter in one "
+                "bucket when find_unused_parameters=False"
+            )
+        if answer[1] != measured[1]:
+            hints.append(
+                "later steps: the rebuilt buckets follow the order gradients arrived "
+                "in, and a bucket closes once it holds bucket_cap_mb or more"
+            )
+        raise AssertionError(
+            f"{tuple(answer)} is not it; look again at " + "; ".join(hints)
+        )
+    print(
+        f"Correct: DDP launched {measured[0]} all-reduce in step 0 and "
+        f"{measured[1]} in each later step (counted in its comm hook)."
+    )
 
 
 def check_memory_per_rank(answer: float, report) -> None:

@@ -1,11 +1,18 @@
 """Checks for the exercises of chapter 0, "Why one device is not enough".
 
-* :func:`check_state_bytes`: the bytes of parameters, gradients and Adam states a
-  model needs for training, compared with ``utils.memory_model.model_state_bytes``.
-* :func:`check_all_reduce`: an all-reduce built from reduce-scatter and all-gather,
+* :func:`check_state_bytes` (exercise 0.1): the bytes of parameters, gradients and
+  Adam states a model needs for training, compared with
+  ``utils.memory_model.model_state_bytes``; :func:`check_optimizer_sharded`, the
+  same exercise's question: what sharding only the optimizer states saves, in each
+  precision.
+* :func:`check_all_reduce` (exercise 0.2): an all-reduce built from reduce-scatter
+  and all-gather,
   run in 4 gloo ranks and compared with ``dist.all_reduce``. The learner writes it
   to a file (``%%writefile``) because ranks find code by its module path; each rank
   loads that file by path (:func:`rank_check_all_reduce`).
+* :func:`check_crossover_bytes` (exercise 0.3): the message size at which the ring
+  all-reduce's bandwidth term equals its latency term, in the alpha-beta model of
+  ``utils.comm``.
 
 A check prints one line when the answer is right and raises ``AssertionError``
 with what was expected when it is not.
@@ -13,11 +20,13 @@ with what was expected when it is not.
 
 from __future__ import annotations
 
+import math
 import traceback
 
 import torch
 import torch.distributed as dist
 
+from utils.comm import alpha_beta_time
 from utils.exercises import load_function, run_in_ranks
 from utils.memory_model import model_state_bytes
 
@@ -48,6 +57,81 @@ def check_state_bytes(state_bytes) -> None:
         "correct: state_bytes agrees with model_state_bytes on "
         f"{2 * len(_COUNTS)} cases"
     )
+
+
+SHARDED_PARAMS = 7_000_000_000
+SHARDED_DEVICES = 8
+"""Exercise 0.1's question: a 7B model, its optimizer states split over 8 devices."""
+
+
+def check_optimizer_sharded(mixed_bytes, fp32_bytes) -> None:
+    """Bytes of model states per device for a 7B model whose optimizer states
+    (only those) are split evenly over 8 devices, as ZeRO stage 1 does, in mixed
+    precision and in fp32 Adam. Both conventions total 16 B per parameter
+    unsharded; the split between the categories decides what sharding saves."""
+    expected = {
+        mixed: model_state_bytes(
+            SHARDED_PARAMS,
+            world_size=SHARDED_DEVICES,
+            zero_stage=1,
+            mixed_precision=mixed,
+        ).total
+        for mixed in (True, False)
+    }
+    everything = 16 * SHARDED_PARAMS // SHARDED_DEVICES
+    for name, got, mixed in (
+        ("mixed_bytes", mixed_bytes, True),
+        ("fp32_bytes", fp32_bytes, False),
+    ):
+        try:
+            value = float(got)
+        except (TypeError, ValueError):
+            raise AssertionError(
+                f"{name} must be a number of bytes, got {got!r}"
+            ) from None
+        if abs(value - expected[mixed]) >= 1:
+            per = expected[mixed] / SHARDED_PARAMS
+            hint = (
+                "that is every state split over the 8 devices; only the optimizer "
+                "states are"
+                if abs(value - everything) < 1
+                else f"expected {per:g} bytes per parameter of the full model"
+            )
+            raise AssertionError(
+                f"{name} = {got!r} bytes per device; {hint} "
+                f"(parameters and gradients stay whole on every device)"
+            )
+    saved = expected[True] / expected[False]
+    print(
+        f"correct: {expected[True] / 1e9:g} GB (mixed) and {expected[False] / 1e9:g}"
+        f" GB (fp32) per device; mixed precision needs {saved:.0%} of fp32's"
+    )
+
+
+_LINKS = ((20e-6, 1 / 5e9, 4), (5e-6, 1 / 100e9, 8), (1e-3, 1 / 1e9, 2))
+
+
+def check_crossover_bytes(crossover_bytes) -> None:
+    """``crossover_bytes(alpha, beta, world_size)`` must return the message size S
+    at which the ring all-reduce's two terms are equal: 2(N-1) alpha (latency)
+    and 2(N-1)/N S beta (bandwidth)."""
+    for alpha, beta, n in _LINKS:
+        got = crossover_bytes(alpha, beta, n)
+        try:
+            size = float(got)
+        except (TypeError, ValueError):
+            raise AssertionError(
+                f"crossover_bytes returned {got!r}, not a number"
+            ) from None
+        latency = 2 * (n - 1) * alpha
+        bandwidth = alpha_beta_time(size, n, 0.0, beta) if size > 0 else 0.0
+        if not math.isclose(latency, bandwidth, rel_tol=1e-6):
+            raise AssertionError(
+                f"crossover_bytes({alpha:g}, {beta:g}, {n}) = {got!r}: at that size "
+                f"the bandwidth term is {bandwidth * 1e6:.3g} us but the latency "
+                f"term 2(N-1) alpha is {latency * 1e6:.3g} us; they must be equal"
+            )
+    print(f"correct: the two terms are equal at your size on {len(_LINKS)} links")
 
 
 # Shapes the check reduces: divisible by 4 ranks, a matrix, and one that is not.
