@@ -374,7 +374,8 @@ def transformer_activation_bytes(
     activations and 1-byte dropout masks. Per layer:
 
     * no parallelism (section 4.1): sbh (34 + 5as/h); the 5as/h term is the
-      attention scores, the softmax output and its dropout mask (5as^2 b bytes);
+      softmax output (2as^2 b), its dropout mask (as^2 b) and the dropout output
+      (2as^2 b); the scores QK^T themselves are not stored;
     * tensor parallel (section 4.2): sbh (10 + 24/t + 5as/(ht)); the 10 are what
       every rank keeps whole: the two layer-norm inputs, the two dropout masks and
       the inputs of each block's first linear layer;
