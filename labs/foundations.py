@@ -7,8 +7,9 @@ Three parts, each run inside every rank:
   forward, backward and the optimizer step (``utils.memory.MemoryTracker``).
 * ``collectives``: run broadcast, reduce, all-reduce, reduce-scatter and all-gather
   on small tensors and keep each rank's tensor before and after.
-* ``busbw``: time all-reduce over message sizes (warm-up, then the median) and
-  report algbw and busbw as nccl-tests defines them.
+* ``busbw``: time all-reduce over message sizes (warm-up, then the median and the
+  p10-p90 spread of the slowest rank) and report algbw and busbw as nccl-tests
+  defines them.
 
 Run it::
 

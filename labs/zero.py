@@ -16,10 +16,16 @@ scratch: ``utils.zero.optim`` (ReplicatedOptimizer, ShardedOptimizer,
 ShardedGradOptimizer) and ``utils.zero.fsdp.FullyShardedModule``. torch:
 DistributedDataParallel (stage 0),
 ZeroRedundancyOptimizer over DDP (1), ``fully_shard(reshard_after_forward=False)``
-(2) and ``fully_shard`` (3, FSDP2). Mixed precision is the paper's: bf16 parameters
-and gradients, an fp32 master copy, momentum and variance (2 + 2 + 12 bytes per
-parameter); torch's stages 2 and 3 get it from FSDP2's MixedPrecisionPolicy (fp32
-sharded parameters, bf16 compute and reduction), torch's stages 0 and 1 from
+(2) and ``fully_shard`` (3, FSDP2). Mixed precision keeps the paper's layout, 16-bit
+parameters and gradients with an fp32 master copy, momentum and variance (2 + 2 + 12
+bytes per parameter), in bf16 where the paper uses fp16 (section 3.1, after
+Micikevicius et al., "Mixed Precision Training", ICLR 2018). fp16's 5 exponent bits
+(smallest normal 6.1e-5, largest 65504) make small gradients underflow unless the
+loss is scaled (Micikevicius et al. section 3.2; DeepSpeed scales it dynamically);
+bf16 has fp32's 8 exponent bits (smallest normal 1.2e-38, as fp32), so no loss
+scaling is needed here, at the price of 8 significant bits against fp16's 11.
+torch's stages 2 and 3 get it from FSDP2's MixedPrecisionPolicy (fp32 sharded
+parameters, bf16 compute and reduction), torch's stages 0 and 1 from
 ``torch.autocast`` (fp32 parameters and gradients, bf16 matmuls), because DDP's own
 mixed precision (the private ``_MixedPrecision``) records CUDA events and fails on
 CPU ("cpu backend doesn't support events").
@@ -44,7 +50,7 @@ from utils.launch import launch
 from utils.memory import MemoryTracker
 from utils.memory_model import model_state_bytes
 from utils.models import GPT, GPTConfig, count_params, gpt_batch, shard_batch
-from utils.report import RankReport, lab_data
+from utils.report import RankReport, field_of, lab_data
 from utils.wire import WireCounter
 from utils.zero.fsdp import FullyShardedModule, default_units
 from utils.zero.optim import ReplicatedOptimizer, ShardedGradOptimizer, ShardedOptimizer
@@ -162,10 +168,8 @@ def apply_scratch(model, cfg: Config, meter, track=None, on_event=None):
         model = model.to(torch.bfloat16)  # 2-byte params and grads
     kw = {}
     if cfg.stage == 2:  # reduce-scatter about one block's gradients at a time
-        block = max(
-            sum(p.numel() for p in u.parameters()) for u in default_units(model)
-        )
-        kw["bucket_numel"] = cfg.bucket_numel or block
+        kw["bucket_numel"] = stage2_bucket_numel(model, cfg)
+        kw["on_event"] = on_event  # each gradient copied, each bucket reduced
     opt = OPTIMIZERS[cfg.stage](
         model.parameters(),
         torch.optim.AdamW,
@@ -178,7 +182,21 @@ def apply_scratch(model, cfg: Config, meter, track=None, on_event=None):
     return model, opt
 
 
+def stage2_bucket_numel(model, cfg: Config) -> int:
+    """Stage 2's bucket: ``cfg.bucket_numel``, or the largest block's parameters."""
+    block = max(sum(p.numel() for p in u.parameters()) for u in default_units(model))
+    return cfg.bucket_numel or block
+
+
 # [apply-scratch-end]
+
+
+def stage2_layout(report):
+    """(model, bucket elements) of a stage-2 run, rebuilt on the CPU from the
+    report's config: what ``utils.zero.figures.stage2_gradient_peak`` reads."""
+    cfg = Config(**field_of(field_of(report, "extra"), "config"))
+    model = build_model(cfg, "cpu")
+    return model, stage2_bucket_numel(model, cfg)
 
 
 # [apply-torch-start]
@@ -239,7 +257,9 @@ class ZeroData:
     comm_sources: dict = field(default_factory=dict)
     """For each operation: "counted" or "modelled"."""
     events: list = field(default_factory=list)
-    """Stage 3 (scratch): each gather and free, with the memory by category then."""
+    """Scratch stages 2 and 3: each event (stage 2: every gradient copied into its
+    bucket and every bucket reduce-scattered; stage 3: every gather, free and
+    reduce-scatter), with the memory by category then."""
     params: dict | None = None
     """The final full parameters (name -> flat list) when ``return_params``."""
 

@@ -22,6 +22,7 @@ from utils.foundations import figures as fig
 from utils.hardware import ACCELERATORS, GB
 from utils.memory_model import mlp_activation_bytes, model_state_bytes
 from utils.models import MLP, mlp_batch
+from utils.wire import GLOO_PREAMBLE
 
 # --------------------------------------------------------------------- config
 
@@ -163,8 +164,8 @@ def test_wire_rows_put_counted_beside_modelled(reports):
             continue
         # gloo's ring sends the modelled bytes plus 48-byte preambles, nothing less
         assert w["difference"] == w["counted"] - w["modelled"] >= 0
-        assert w["difference"] % fig.GLOO_PREAMBLE_BYTES == 0
-        assert w["preambles"] == w["difference"] // fig.GLOO_PREAMBLE_BYTES
+        assert w["difference"] % GLOO_PREAMBLE == 0
+        assert w["preambles"] == w["difference"] // GLOO_PREAMBLE
         assert w["difference"] < 0.01 * w["modelled"] + 10_000
 
 

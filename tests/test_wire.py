@@ -17,16 +17,15 @@ from tests import _wire_workers as w
 from utils import wire
 from utils.comm import bytes_sent as modelled
 from utils.launch import launch
-from utils.wire import WireCounter, read_sockets, tcp_bytes_sent
+from utils.wire import GLOO_PREAMBLE, WireCounter, read_sockets, tcp_bytes_sent
 
 pytestmark = pytest.mark.skipif(not wire.supported(), reason="needs Linux >= 4.19")
 
 S = 4 << 20  # bytes: a float32 buffer of 1 Mi elements
-PREAMBLE = 48  # gloo/transport/tcp/pair.h: Op::preamble, six size_t
 # One gloo point-to-point transfer (UnboundBuffer send/recv): the sender writes a
 # NOTIFY_SEND_READY and a SEND_UNBOUND_BUFFER preamble (+ the data), the receiver
 # a NOTIFY_RECV_READY preamble.
-SEND, RECV = 2 * PREAMBLE, PREAMBLE
+SEND, RECV = 2 * GLOO_PREAMBLE, GLOO_PREAMBLE
 MAX_SEGMENT = 1 << 20  # gloo/allreduce.h: AllreduceOptions::kMaxSegmentSize
 
 

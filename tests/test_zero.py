@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import labs.zero as lab
-from labs.zero import IMPLS, PRECISIONS, STAGES, TINY, Config
+from labs.zero import IMPLS, PRECISIONS, STAGES, TINY, Config, stage2_layout
 from tests import _zero_workers
 from utils.comm import bytes_sent
 from utils.flat import FlatLayout
@@ -28,11 +28,18 @@ CONFIGS = [
     for p in PRECISIONS
     for s in STAGES
 ]
+ONE_BUCKET = [
+    replace(TINY, stage=2, precision=p, bucket_numel=10**9, return_params=True)
+    for p in PRECISIONS
+]
+"""Stage 2 with one bucket for the whole model: the chapter's measurement that the
+bucket layout, not the reduce-scatter, changes fp32 results."""
 STATE = ("params", "grads", "optimizer")
+_ONE_BUCKET_RUNS: dict[int, dict] = {}
 
 
 def _run(world_size: int):
-    cfgs = [replace(c, world_size=world_size) for c in CONFIGS]
+    cfgs = [replace(c, world_size=world_size) for c in CONFIGS + ONE_BUCKET]
     per_rank = launch(
         _zero_workers.lab_and_pieces,
         cfgs,
@@ -40,9 +47,10 @@ def _run(world_size: int):
         backend="gloo",
         timeout=120,
     )
-    reports = {
-        (c.stage, c.precision, c.impl): [r[0][k] for r in per_rank]
-        for k, c in enumerate(cfgs)
+    runs = [[r[0][k] for r in per_rank] for k in range(len(cfgs))]
+    reports = {(c.stage, c.precision, c.impl): runs[k] for k, c in enumerate(CONFIGS)}
+    _ONE_BUCKET_RUNS[world_size] = {
+        c.precision: runs[len(CONFIGS) + k] for k, c in enumerate(ONE_BUCKET)
     }
     return reports, per_rank[0][1]
 
@@ -50,6 +58,12 @@ def _run(world_size: int):
 @pytest.fixture(scope="module", params=[2, 4], ids=["N=2", "N=4"])
 def results(request):
     return request.param, *_run(request.param)
+
+
+@pytest.fixture(scope="module")
+def one_bucket(results):
+    """precision -> the ranks' reports of stage 2 with a single bucket."""
+    return _ONE_BUCKET_RUNS[results[0]]
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +173,65 @@ def test_bytes_sent_per_step(results):
             assert abs(sent - want) <= 0.01 * want, (stage, prec, impl)
 
 
+def test_only_the_reduced_buffers_layout_changes_fp32_results(results, one_bucket):
+    """Stage 1 (same flat buffer as stage 0, reduce-scattered instead of
+    all-reduced) and stage 2 with one bucket agree with stage 0 bit for bit; the
+    chapter says the per-block buckets are what changes the summation order."""
+    _, reports, _ = results
+    for prec in PRECISIONS:
+        base = _params(reports[(0, prec, "scratch")][0])
+        for ranks in (reports[(1, prec, "scratch")], one_bucket[prec]):
+            got = _params(ranks[0])
+            assert all(torch.equal(got[k], base[k]) for k in base), prec
+            assert ranks[0].losses == reports[(0, prec, "scratch")][0].losses
+
+
+def test_stage2_holds_one_bucket_of_full_gradients_in_backward(results):
+    """The ledger's peak of gradients in backward, the shards aside: at least one
+    bucket, at most one bucket plus one module's gradients (what one backward
+    operation produces), and below two buckets (the copy-after-the-fact design)."""
+    _, reports, _ = results
+    for prec in PRECISIONS:
+        for r in reports[(2, prec, "scratch")]:
+            peak = figures.stage2_gradient_peak(r, *stage2_layout(r))
+            bucket = peak["largest_bucket"]
+            assert bucket <= peak["backward_peak"], (prec, peak)
+            assert peak["backward_peak"] <= bucket + peak["largest_module_grads"]
+            assert peak["after_copies"] <= bucket + peak["largest_grad"]
+            assert peak["backward_peak"] < 2 * bucket
+            assert peak["shards"] == sum(peak["bucket_bytes"]) // r.world_size
+            kinds = [e["event"] for e in r.extra.events if e["step"] == 0]
+            assert kinds.count("reduce-scatter") == len(peak["bucket_bytes"])
+
+
+def test_bytes_modelled_and_counted(results):
+    """Counted socket bytes = gloo's algorithms (reduce-scatter as an all-reduce,
+    broadcast as a tree) + framing; torch's stage 1 costs 2(N-1)/N + 1 times Psi
+    in the model."""
+    n, reports, _ = results
+    rows = figures.comm_rows(reports)
+    for row in rows:
+        key = (row["stage"], row["precision"], row["impl"])
+        if (row["stage"], row["impl"]) == (1, "torch"):
+            want = (2 * (n - 1) / n + 1) * row["psi_bytes"]
+            assert row["modelled"] == pytest.approx(want, rel=0.01), key
+        else:
+            assert row["modelled"] == pytest.approx(row["formula"], rel=0.01), key
+        if row["counted"] is None:
+            continue  # no TCP counters here
+        assert 0 <= row["framing"] <= 0.08 * row["counted"], (key, row)
+        if row["stage"] in (1, 2) and row["impl"] == "scratch":
+            # gloo's reduce-scatter is an all-reduce: counted well above modelled
+            assert row["counted"] > 1.4 * row["modelled"], key
+        if (row["stage"], row["impl"]) == (1, "torch"):
+            # DDP's all-reduce, then each rank broadcasts only its own slice: a
+            # root sends, the others receive, so the counted bytes fall below the
+            # bus-bandwidth model's 2(N-1)/N + 1
+            assert row["counted"] < row["modelled"], key
+    table = figures.comm_markdown(rows)
+    assert table.count("\n") == len(rows) + 1 and "counted on the wire" in table
+
+
 def test_stage3_holds_one_layer_at_a_time_in_forward(results):
     n, reports, _ = results
     for prec in PRECISIONS:
@@ -176,9 +249,7 @@ def test_stage3_holds_one_layer_at_a_time_in_forward(results):
             # forward, as FSDP's root is; one block on top of it at a time
             assert max(forward) == shards + units["root"] + layer
             assert max(forward) < shards + sum(units.values())
-            kinds = [
-                (e["event"], e["phase"]) for e in r.extra.events if e["step"] == 0
-            ]
+            kinds = [(e["event"], e["phase"]) for e in r.extra.events if e["step"] == 0]
             assert kinds.count(("gather", "forward")) == len(units)
             assert kinds.count(("gather", "backward")) == len(units)
             assert kinds.count(("reduce-scatter", "backward")) == len(units)
@@ -231,6 +302,33 @@ def test_cli_error_comes_before_any_process(monkeypatch, capsys):
     with pytest.raises(SystemExit) as err:
         lab.main(["--stage", "5"])
     assert "stage must be one of (0, 1, 2, 3), got 5" in str(err.value)
+
+
+def test_bucket_layouts_are_the_optimizers_buckets():
+    from utils.models import GPT
+    from utils.zero.optim import FlatOptimizer, bucket_layouts
+
+    model = GPT(TINY.gpt(), seed=0)
+    for bucket_numel in (None, 1000, 10**9):
+        want = bucket_layouts(model.parameters(), bucket_numel, 1)
+        opt = FlatOptimizer(
+            model.parameters(), torch.optim.SGD, lr=0.1, bucket_numel=bucket_numel
+        )
+        assert [b.layout.numels for b in opt.buckets] == [w.numels for w in want]
+
+
+def test_explorer_shows_every_stage_and_fits_a_phone():
+    fig = figures.draw_explorer()  # the page's default: 7.5B on 64 ranks
+    assert fig.get_size_inches()[0] <= 6.4
+    ax = fig.axes[0]
+    assert len(ax.get_xticks()) == 4  # the four stages side by side
+    assert ax.get_ylim()[1] >= figures.GPU_GB
+    labels = [t.get_text() for t in ax.texts]
+    assert any("120 GB" in t for t in labels) and any("1.88 GB" in t for t in labels)
+    widget = figures.explorer_widget()
+    for control in widget.controls.values():
+        assert control.layout.width == "100%", control
+        assert control.layout.max_width == "460px", control
 
 
 def test_flat_layout_pads_to_equal_shards():
@@ -320,6 +418,190 @@ def test_shard_update_check(tmp_path, capsys):
     assert "correct: same parameters as stage 0" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="An all-reduce plus an all-gather"):
         exercises.check_shard_update(wasteful)
+
+
+_NO_DIVIDE = """
+import torch, torch.distributed as dist
+def sharded_step(flat_param, flat_grad, shard, optimizer):
+    grad = torch.empty_like(shard)
+    dist.reduce_scatter_single(grad, flat_grad)
+    shard.grad = grad  # the sum, not the average
+    optimizer.step()
+    dist.all_gather_single(flat_param, shard.clone())
+"""
+_NO_GATHER = """
+import torch, torch.distributed as dist
+def sharded_step(flat_param, flat_grad, shard, optimizer):
+    grad = torch.empty_like(shard)
+    dist.reduce_scatter_single(grad, flat_grad)
+    shard.grad = grad.div_(dist.get_world_size())
+    optimizer.step()  # the other ranks' slices stay stale
+"""
+
+
+@pytest.mark.parametrize(
+    "code, words",
+    [(_NO_DIVIDE, "parameters differ"), (_NO_GATHER, "parameters differ")],
+    ids=["sum-not-mean", "no-all-gather"],
+)
+def test_shard_update_check_refuses_plausible_mistakes(tmp_path, code, words):
+    path = tmp_path / "answer.py"
+    path.write_text(code)
+    with pytest.raises(AssertionError, match=words):
+        exercises.check_shard_update(path)
+
+
+def test_shard_update_check_labels_its_bytes(tmp_path, capsys):
+    path = tmp_path / "good.py"
+    path.write_text(_STAGE1)
+    exercises.check_shard_update(path)
+    out = capsys.readouterr().out
+    assert "modelled" in out and "counted on rank 0's sockets" in out
+
+
+def test_smallest_world_size_check_refuses_searches_and_near_misses():
+    def search(num_params, device_bytes, stage):  # tries every N: runs out of time
+        n = 1
+        while True:
+            need = model_state_bytes(num_params, world_size=n, zero_stage=stage)
+            if need.total <= device_bytes:
+                return n
+            if stage == 0:
+                return None
+            n += 1
+
+    def bounded(num_params, device_bytes, stage):  # the old 4096 cap
+        for n in range(1, 4097):
+            need = model_state_bytes(num_params, world_size=n, zero_stage=stage)
+            if need.total <= device_bytes:
+                return n
+        return None
+
+    def no_ceil(num_params, device_bytes, stage):  # solved, but shards not rounded
+        whole = exercises.REPLICATED_BYTES[stage]
+        room = device_bytes - whole * num_params
+        if whole == 16:
+            return 1 if room >= 0 else None
+        if room <= 0:
+            return None
+        return max(1, -(-(16 - whole) * num_params // room))
+
+    def fp32_bytes(num_params, device_bytes, stage):  # 4 + 4 + 8, not 2 + 2 + 12
+        whole = {0: 16, 1: 8, 2: 4, 3: 0}[stage]
+        room = device_bytes - whole * num_params
+        if whole == 16:
+            return 1 if room >= 0 else None
+        k = room // (16 - whole)
+        return None if k < 1 else -(-num_params // k)
+
+    for wrong, words in (
+        (search, "Solve the inequality"),
+        (bounded, "solve the inequality"),
+        (no_ceil, "ceil"),
+        (fp32_bytes, "expected"),
+    ):
+        with pytest.raises(AssertionError, match=words):
+            exercises.check_smallest_world_size(wrong)
+
+
+def test_smallest_world_size_reference_is_the_fewest_ranks():
+    for num_params in (1, 3, 1000, 7_500_000_000):
+        for device in (15, 16 * 1000, 40 * 10**9, 80 * 10**9):
+            for stage in range(4):
+                n = exercises.smallest_world_size(num_params, device, stage)
+                fits = [
+                    model_state_bytes(num_params, world_size=k, zero_stage=stage).total
+                    <= device
+                    for k in range(1, 70)
+                ]
+                want = fits.index(True) + 1 if True in fits else None
+                if want is None and n is not None:
+                    assert n >= 70
+                else:
+                    assert n == want, (num_params, device, stage)
+
+
+_HOOK = """
+import torch, torch.distributed as dist
+def on_grad_ready(param, bucket):
+    if bucket.full is None:
+        bucket.full = torch.zeros(bucket.numel)
+    start, end = bucket.span(param)
+    bucket.full[start:end].copy_(param.grad.reshape(-1))
+    param.grad = None
+    bucket.arrived += 1
+    if bucket.arrived == len(bucket.params):
+        mine = torch.empty_like(bucket.grad_shard)
+        dist.reduce_scatter_single(mine, bucket.full)
+        bucket.grad_shard.add_(mine / dist.get_world_size())
+        bucket.full, bucket.arrived = None, 0
+"""
+_HOOK_KEEPS_GRADS = _HOOK.replace("    param.grad = None\n", "")
+_HOOK_NO_DIVIDE = _HOOK.replace("mine / dist.get_world_size()", "mine")
+_HOOK_ALL_REDUCE = _HOOK.replace(
+    """        mine = torch.empty_like(bucket.grad_shard)
+        dist.reduce_scatter_single(mine, bucket.full)""",
+    """        dist.all_reduce(bucket.full)
+        r, s = dist.get_rank(), bucket.grad_shard.numel()
+        mine = bucket.full[r * s:(r + 1) * s]""",
+)
+_HOOK_KEEPS_BUFFER = _HOOK.replace(
+    "bucket.full, bucket.arrived = None, 0",
+    "bucket.arrived = 0; bucket.kept = bucket.full",
+).replace("if bucket.full is None:", "if bucket.full is None or bucket.arrived == 0:")
+_HOOK_AT_THE_END = """
+import torch, torch.distributed as dist
+state = {"done": 0}
+def on_grad_ready(param, bucket):
+    # keeps every bucket's buffer until the last gradient of backward, then reduces
+    if bucket.full is None:
+        bucket.full = torch.zeros(bucket.numel)
+    start, end = bucket.span(param)
+    bucket.full[start:end].copy_(param.grad.reshape(-1))
+    param.grad = None
+    bucket.arrived += 1
+    state.setdefault("buckets", []).append(bucket) if bucket.arrived == 1 else None
+    if bucket.arrived == len(bucket.params):
+        state["done"] += 1
+    if state["done"] == 3:
+        for b in state.pop("buckets"):
+            mine = torch.empty_like(b.grad_shard)
+            dist.reduce_scatter_single(mine, b.full)
+            b.grad_shard.add_(mine / dist.get_world_size())
+            b.full, b.arrived = None, 0
+        state["done"] = 0
+"""
+
+
+def test_grad_hook_check(tmp_path, capsys):
+    path = tmp_path / "hook.py"
+    path.write_text(_HOOK)
+    exercises.check_grad_hook(path)
+    assert "correct: same parameters as stage 0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "code, words",
+    [
+        (_HOOK_KEEPS_GRADS, "still had a .grad"),
+        (_HOOK_NO_DIVIDE, "parameters differ"),
+        (_HOOK_ALL_REDUCE, "expected exactly one reduce-scatter per bucket"),
+        (_HOOK_AT_THE_END, "not yet reduce-scattered"),
+        (_HOOK_KEEPS_BUFFER, "more gradient elements"),
+    ],
+    ids=[
+        "keeps-grads",
+        "sum-not-mean",
+        "all-reduce",
+        "reduces-at-the-end",
+        "keeps-buffer",
+    ],
+)
+def test_grad_hook_check_refuses_plausible_mistakes(tmp_path, code, words):
+    path = tmp_path / "hook.py"
+    path.write_text(code)
+    with pytest.raises(AssertionError, match=words):
+        exercises.check_grad_hook(path)
 
 
 # ------------------------------------------------------------------------ GPU

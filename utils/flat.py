@@ -1,9 +1,10 @@
 """Flat, padded buffers: how ZeRO lays parameters out to shard them evenly.
 
-Part of chapter 2 ("ZeRO"); used by ``utils.zero`` (stages 0-2) and ``utils.zero.fsdp``
-(stage 3). Tensors are copied end to end into one flat buffer, padded with zeros
-until it divides by the number of shards N, so every rank owns exactly
-``ceil(numel / N)`` elements (the last rank's shard ends in padding), and a
+Part of chapter 2 ("ZeRO"); used by ``utils.zero.optim`` (stages 0-2) and the
+exercises. Stage 3 (``utils.zero.fsdp``) shards per parameter instead, as FSDP2 does,
+and keeps its own per-unit buffers. Tensors are copied end to end into one flat
+buffer, padded with zeros until it divides by the number of shards N, so every rank
+owns exactly ``ceil(numel / N)`` elements (the last rank's shard ends in padding), and a
 reduce-scatter or all-gather moves equal chunks. DeepSpeed's ZeRO and PyTorch FSDP
 (Zhao et al., VLDB 2023, section 3.2, "FlatParameter") do the same.
 """

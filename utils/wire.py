@@ -114,6 +114,12 @@ __all__ = [
     "tcp_bytes_sent",
 ]
 
+GLOO_PREAMBLE = 48
+"""Bytes of gloo's per-message header (``gloo/transport/tcp/pair.h``, ``Op``: six
+``size_t``). Per point-to-point transfer of S bytes the sender writes a send-ready
+notice and the data message's header (S + 96 counted on the sender), the receiver a
+recv-ready notice (48); ``tests/test_wire.py`` checks it to the byte."""
+
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)  # 11 on Linux
 _ASK = 512  # bytes requested; the kernel returns min(_ASK, sizeof(struct tcp_info))
 _OFF_ACKED = 120  # __u64 tcpi_bytes_acked      (Linux >= 4.1)

@@ -21,7 +21,9 @@ and the wrapper averages the gradients over the ranks before the optimizer step:
   once, so communication overlaps the rest of backward. Buckets are launched in
   index order on every rank, so all ranks issue the same collectives in the same
   order even when a parameter gets no gradient on some rank. Gradients then live as
-  views into the buckets (DDP's ``gradient_as_bucket_view``): no extra copy in memory.
+  views into the buckets, as DDP's ``gradient_as_bucket_view=True`` makes them: no
+  extra copy in memory. DDP's default is ``False`` (``torch/nn/parallel/
+  distributed.py``): there the gradients and the buckets are two copies.
 
 Both broadcast rank 0's parameters and buffers at construction, skip parameters that
 do not require grad, count a tied (shared) parameter once, and offer two switches for

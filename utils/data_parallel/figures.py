@@ -32,6 +32,7 @@ from utils.memory_model import model_state_bytes, transformer_activation_bytes
 from utils.plots import CATEGORY_COLORS, InlineFigure, byte_scale
 from utils.report import CATEGORIES, format_bytes
 from utils.report import field_of as _get
+from utils.wire import GLOO_PREAMBLE
 
 STATES = ("params", "grads", "optimizer")
 WIDTH = 6.4  # inches: every figure of the chapter, so text stays legible on a phone
@@ -51,11 +52,6 @@ def _entry(report, phase: str, step: int | None = None) -> dict:
 
 
 # ------------------------------------------------------------ bytes per rank
-GLOO_PREAMBLE = 48
-"""Bytes of gloo's per-message header (``gloo/transport/tcp/pair.h``, ``Op``: six
-``size_t``). Per point-to-point transfer the sender writes a send-ready notice and
-the data message's header, the receiver a recv-ready notice (``utils.wire``;
-``tests/test_wire.py`` checks it to the byte)."""
 GLOO_SEGMENT = 1 << 20
 """``gloo/allreduce.h``, ``AllreduceOptions::kMaxSegmentSize``."""
 

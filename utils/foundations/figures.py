@@ -28,6 +28,7 @@ from utils.memory_model import (
 )
 from utils.plots import CATEGORY_COLORS, InlineFigure
 from utils.report import field_of as _get
+from utils.wire import GLOO_PREAMBLE
 
 INFERENCE = Convention(
     key="bf16-inference",
@@ -308,11 +309,6 @@ def _as_dict(report) -> dict:
     return {k: _get(report, k) for k in keys}
 
 
-GLOO_PREAMBLE_BYTES = 48
-"""gloo's TCP transport frames every message with a 48-byte preamble
-(``gloo/transport/tcp/pair.h``, ``Op::preamble``; see ``utils.wire``)."""
-
-
 def wire_rows(reports) -> list[dict[str, Any]]:
     """Per rank, the gradient all-reduce of the last anatomy step: the modelled
     bytes (``comm_bytes``, nccl-tests' 2(n-1)/n x S) beside the bytes the kernel
@@ -327,7 +323,7 @@ def wire_rows(reports) -> list[dict[str, Any]]:
         counted = _get(r, "wire_bytes")
         modelled = _get(r, "comm_bytes")
         diff = None if counted is None else counted - modelled
-        whole = diff is not None and diff >= 0 and diff % GLOO_PREAMBLE_BYTES == 0
+        whole = diff is not None and diff >= 0 and diff % GLOO_PREAMBLE == 0
         rows.append(
             {
                 "rank": _get(r, "rank"),
@@ -335,7 +331,7 @@ def wire_rows(reports) -> list[dict[str, Any]]:
                 "source": _get(r, "comm_source"),
                 "counted": counted,
                 "difference": diff,
-                "preambles": diff // GLOO_PREAMBLE_BYTES if whole else None,
+                "preambles": diff // GLOO_PREAMBLE if whole else None,
             }
         )
     return rows
@@ -683,7 +679,6 @@ def _rank(report) -> int:
 __all__ = [
     "FIT_BILLIONS",
     "FIT_CONVENTIONS",
-    "GLOO_PREAMBLE_BYTES",
     "anatomy_prediction",
     "anatomy_rows",
     "anatomy_totals",

@@ -1,6 +1,6 @@
 """Chapter 2, "ZeRO: sharding the model states": the map of its code.
 
-=========================  ===============================================================
+=========================  =============================================================
 ``labs/zero.py``           the lab: stages 0-3, fp32 or mixed precision, the course's
                            pieces (``scratch``) or torch's (``torch``)
 ``utils/zero/optim``       stages 0-2 as optimizer wrappers over flat buffers
@@ -15,7 +15,7 @@
 ``tests/test_zero.py``     every stage against stage 0, one process and torch; memory
                            against the formulas
 ``bench/zero.py``          the course's stage 3 against ``fully_shard``
-=========================  ===============================================================
+=========================  =============================================================
 
 Flat buffers and their layout (``utils.flat``) are shared: the offload and combined
 chapters shard the same way.

@@ -22,6 +22,7 @@ from typing import Any
 
 from matplotlib.patches import Patch
 
+from utils.comm import bus_factor
 from utils.hardware import GB
 from utils.memory_model import (
     BYTES_PER_PARAM_CONVENTIONS,
@@ -30,7 +31,7 @@ from utils.memory_model import (
     model_state_bytes,
 )
 from utils.plots import CATEGORY_COLORS, InlineFigure, byte_scale
-from utils.report import CATEGORIES
+from utils.report import CATEGORIES, format_bytes
 from utils.report import field_of as _get
 
 STATES = ("params", "grads", "optimizer")
@@ -46,7 +47,6 @@ EXPLORER_CONVENTIONS = ("mixed-16", "mixed-18", "mixed-20")
 ``utils.memory_model.BYTES_PER_PARAM_CONVENTIONS``)."""
 GPU_GB = 80
 """The line drawn in the explorer: an 80 GB device (A100 80GB, H100 SXM)."""
-MAX_BARS = 8
 
 
 def count_label(n: float) -> str:
@@ -135,6 +135,10 @@ def _stack(ax, x, values: Mapping[str, float], width, hatch=None):
     return bottom
 
 
+WIDTH = 6.4
+"""Inches: every figure of the chapter, so its text stays legible on a phone."""
+
+
 def draw_explorer(
     num_params: float = 7.5e9,
     world_size: int = 64,
@@ -142,46 +146,77 @@ def draw_explorer(
     convention: str = "mixed-16",
     measured: Mapping[int, Sequence[Any]] | None = None,
 ):
-    """Left: the formula's bytes per rank (one bar per rank, at most 8 shown) and an
-    80 GB line. Right (with ``measured``, stage -> the lab's reports): each rank's
-    measured bytes after the step beside the formula for the lab's model."""
-    bars = explorer_bars(round(num_params), world_size, stage, convention)
+    """Top: the formula's bytes per rank at every stage side by side (``stage``
+    drawn solid, the others faded), each labelled with its total, and an 80 GB
+    line. Bottom (with ``measured``, stage -> the lab's reports): each rank's
+    measured bytes after the step at ``stage`` beside the formula for the lab's
+    model. The axis runs to the larger of the tallest bar and the device, so the
+    stages' differences stay visible at any size."""
     conv = BYTES_PER_PARAM_CONVENTIONS[convention]
     reports = list((measured or {}).get(stage, []))
-    fig = InlineFigure(figsize=(10, 4.4), layout="constrained")
-    axes = fig.subplots(1, 2 if reports else 1, squeeze=False)[0]
+    rows = 2 if reports else 1
+    fig = InlineFigure(figsize=(WIDTH, 3.6 * rows), layout="constrained")
+    axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
     ax = axes[0]
-    shown = min(world_size, MAX_BARS)
-    scaled = {c: v / GB for c, v in bars.items()}
-    for x in range(shown):
-        top = _stack(ax, x, scaled, 0.6)
+    totals = []
+    for s in STAGE_NAMES:
+        bars = explorer_bars(round(num_params), world_size, s, convention)
+        scaled = {c: v / GB for c, v in bars.items()}
+        bottom = 0.0
+        for cat in CATEGORIES:
+            v = scaled.get(cat, 0)
+            ax.bar(
+                s,
+                v,
+                0.62,
+                bottom=bottom,
+                color=CATEGORY_COLORS[cat],
+                alpha=1.0 if s == stage else 0.35,
+                edgecolor="black" if s == stage else "none",
+                linewidth=1.0,
+            )
+            bottom += v
+        totals.append(bottom)
+    top = max(max(totals), GPU_GB)
+    for s, total in zip(STAGE_NAMES, totals):
+        fits = "fits" if total <= GPU_GB else "too big"
+        ax.annotate(
+            f"{total:,.3g} GB\n{fits}",
+            (s, total),
+            xytext=(0, 2),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            fontweight="bold" if s == stage else "normal",
+        )
     ax.axhline(GPU_GB, color="black", linestyle="--", linewidth=1)
-    ax.text(
-        shown - 0.5, GPU_GB, f"{GPU_GB} GB device ", va="bottom", ha="right", fontsize=8
+    ax.text(3.45, GPU_GB, f"{GPU_GB} GB device", va="bottom", ha="right", fontsize=8)
+    ax.set_ylim(0, 1.25 * top)
+    ax.set_xticks(
+        list(STAGE_NAMES), [STAGE_NAMES[s].replace(" (", "\n(") for s in STAGE_NAMES]
     )
-    ax.set_ylim(0, 1.15 * max(top, GPU_GB))
-    ax.set_xticks(range(shown), [f"rank {r}" for r in range(shown)], fontsize=7)
-    if world_size > shown:
-        ax.set_xlabel(f"{shown} of {world_size:,} ranks shown (all alike)", fontsize=8)
+    ax.tick_params(axis="x", labelsize=9)
     ax.set_ylabel("GB per rank (10^9 bytes)")
     ax.set_title(
-        f"formula: {count_label(num_params)} params, N={world_size:,}, "
-        f"{STAGE_NAMES[stage]}\n{conv.label}\n= {top:,.4g} GB per rank",
+        f"formula: {count_label(num_params)} params on N = {world_size:,} ranks\n"
+        f"{conv.label}",
         fontsize=9,
     )
     ax.grid(axis="y", alpha=0.3)
+    handles = [Patch(color=CATEGORY_COLORS[c], label=c) for c in STATES]
     if reports:
         _draw_measured(axes[1], reports, stage)
-    handles = [Patch(color=CATEGORY_COLORS[c], label=c) for c in CATEGORIES]
-    handles.append(
-        Patch(
-            facecolor="white",
-            edgecolor="black",
-            hatch="///",
-            label="formula (lab model)",
+        handles += [Patch(color=CATEGORY_COLORS[c], label=c) for c in CATEGORIES[3:]]
+        handles.append(
+            Patch(
+                facecolor="white",
+                edgecolor="black",
+                hatch="///",
+                label="formula (lab model)",
+            )
         )
-    )
-    fig.legend(handles=handles, fontsize=8, loc="outside right upper")
+    fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncols=3)
     return fig
 
 
@@ -198,27 +233,33 @@ def _draw_measured(ax, reports, stage: int) -> None:
     for x, v in enumerate(values):
         _stack(ax, x - 0.2, {c: b / scale for c, b in v.items()}, 0.38)
         _stack(ax, x + 0.2, {c: b / scale for c, b in formula.items()}, 0.38, "///")
-    ax.set_xticks(
-        range(len(ranks)), [f"rank {_get(r, 'rank')}" for r in ranks], fontsize=7
-    )
+    ax.set_xticks(range(len(ranks)), [f"rank {_get(r, 'rank')}" for r in ranks])
+    ax.tick_params(axis="x", labelsize=9)
+    ax.set_ylim(0, 1.15 * top / scale)
     ax.set_ylabel(f"after the step ({unit})")
     ax.set_title(
-        f"measured: the lab's GPT, {psi:,} params, N={n}\n"
-        f"{cfg['precision']} precision, {cfg['impl']}, {STAGE_NAMES[stage]}\n"
-        "after the step, beside its formula (hatched)",
+        f"measured: the lab's GPT ({psi:,} params) on N = {n}, "
+        f"{cfg['precision']}, {STAGE_NAMES[stage]}:\n"
+        "each rank after the step (solid) beside its formula (hatched)",
         fontsize=9,
     )
     ax.grid(axis="y", alpha=0.3)
 
 
 def explorer_widget(measured: Mapping[int, Sequence[Any]] | None = None):
-    """The explorer: parameters (up to 10 trillion), world size, stage, convention."""
+    """The explorer: parameters (up to 10 trillion), world size, stage, convention.
+
+    Every control is as wide as the page allows, at most 460 px, so the row wraps
+    on a phone instead of scrolling sideways."""
     import ipywidgets as w
 
     from utils.widgets import interactive_figure
 
     def draw(num_params, world_size, stage, convention):
         return draw_explorer(num_params, world_size, stage, convention, measured)
+
+    def fluid():
+        return w.Layout(width="100%", max_width="460px")
 
     return interactive_figure(
         draw,
@@ -230,14 +271,19 @@ def explorer_widget(measured: Mapping[int, Sequence[Any]] | None = None):
             step=0.05,
             description="parameters",
             readout_format=".3g",
+            layout=fluid(),
         ),
         world_size=w.SelectionSlider(
-            options=[2**k for k in range(13)], value=64, description="world size N"
+            options=[2**k for k in range(13)],
+            value=64,
+            description="world size N",
+            layout=fluid(),
         ),
-        stage=w.ToggleButtons(
+        stage=w.Dropdown(
             options=[(STAGE_NAMES[s], s) for s in range(4)],
             value=3,
             description="stage",
+            layout=fluid(),
         ),
         convention=w.Dropdown(
             options=[
@@ -245,9 +291,217 @@ def explorer_widget(measured: Mapping[int, Sequence[Any]] | None = None):
             ],
             value="mixed-16",
             description="bytes/param",
-            layout=w.Layout(width="460px"),
+            layout=fluid(),
         ),
     )
+
+
+# ------------------------------------------------------- the lab's runs, compared
+def max_param_diff(a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float]]):
+    """The largest absolute difference between two runs' final parameters."""
+    import torch
+
+    return max((torch.tensor(a[k]) - torch.tensor(b[k])).abs().max().item() for k in b)
+
+
+def equivalence_rows(runs: Mapping[tuple, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Every run against stage 0 of the course's implementation in its precision.
+
+    ``runs``: (stage, precision, impl) or (stage, precision, impl, label) -> the
+    lab's reports (with ``return_params``). Rows: {"stage", "precision", "impl",
+    "label", "loss_diff", "param_diff", "elements_differ"} (rank 0; the last is
+    how many parameter elements are not bitwise equal)."""
+    import torch
+
+    base = {k[1]: v[0] for k, v in runs.items() if k[0] == 0 and k[2] == "scratch"}
+    rows = []
+    for key, reports in runs.items():
+        stage, precision, impl = key[:3]
+        r, b = reports[0], base[precision]
+        a_params, b_params = (
+            _get(_get(r, "extra"), "params"),
+            _get(_get(b, "extra"), "params"),
+        )
+        rows.append(
+            {
+                "stage": stage,
+                "precision": precision,
+                "impl": impl,
+                "label": key[3] if len(key) > 3 else "",
+                "loss_diff": max(
+                    abs(x - y) for x, y in zip(_get(r, "losses"), _get(b, "losses"))
+                ),
+                "param_diff": max_param_diff(a_params, b_params),
+                "elements_differ": sum(
+                    int((torch.tensor(a_params[k]) != torch.tensor(b_params[k])).sum())
+                    for k in b_params
+                ),
+            }
+        )
+    return rows
+
+
+def equivalence_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """:func:`equivalence_rows` as a Markdown table."""
+    lines = [
+        "| impl | precision | stage | loss diff | parameter diff | elements not "
+        "bitwise equal |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        stage = f"{r['stage']}{', ' + r['label'] if r['label'] else ''}"
+        lines.append(
+            f"| {r['impl']} | {r['precision']} | {stage} | {r['loss_diff']:.1e} | "
+            f"{r['param_diff']:.1e} | {r['elements_differ']:,} |"
+        )
+    return "\n".join(lines)
+
+
+def memory_markdown(runs: Mapping[tuple, Sequence[Any]]) -> str:
+    """Rank 0's bytes by category after the step, beside the formula (p / g / o)."""
+    head = (
+        "| impl | precision | stage | params | grads | optimizer | other | "
+        "formula (p / g / o) |"
+    )
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---|"]
+    for key, reports in runs.items():
+        stage, precision, impl = key[:3]
+        after = measured_after_step(reports[0])
+        want = _get(_get(reports[0], "extra"), "predicted")
+        cells = " | ".join(format_bytes(after[c]) for c in (*STATES, "other"))
+        formula = " / ".join(format_bytes(want[c]) for c in STATES)
+        lines.append(f"| {impl} | {precision} | {stage} | {cells} | {formula} |")
+    return "\n".join(lines)
+
+
+GLOO_PAYLOAD = {
+    "all_reduce": lambda n: 1.0,
+    "all_gather": lambda n: 1.0,
+    "reduce_scatter": lambda n: 2.0,
+    "broadcast": lambda n: (n - 1) / n,
+}
+"""What gloo really sends, as a multiple of the modelled figure (``utils.comm``,
+nccl-tests' factors), per rank on average (``utils.wire``, checked to the byte by
+``tests/test_wire.py``): its all-reduce and all-gather are rings, as the model
+assumes; its ``reduce_scatter_tensor`` all-reduces a copy of the whole input
+(``ProcessGroupGloo::reduce_scatter_tensor_coalesced``), twice the model; its
+broadcast is a binomial tree, (n-1) x S over all ranks, so (n-1)/n x S per rank on
+average where the model says S."""
+
+
+def comm_rows(runs: Mapping[tuple, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Bytes per rank in the last step, three ways, for every run.
+
+    ``modelled``: the lab's meter (rank 0; nccl-tests' factors); ``formula``: 2 or
+    3 x (N-1)/N x Psi x bytes per element; ``gloo``: the modelled bytes of each
+    collective times :data:`GLOO_PAYLOAD`, what gloo's algorithms send;
+    ``counted``: the kernel's TCP counters (``wire_bytes``), averaged over the
+    ranks (min and max too; None where not countable); ``framing``: counted -
+    gloo, gloo's 48-byte message headers (three per point-to-point transfer).
+    """
+    rows = []
+    for key, reports in runs.items():
+        stage, precision, impl = key[:3]
+        r = min(reports, key=lambda x: _get(x, "rank"))
+        n, extra = _get(r, "world_size"), _get(r, "extra")
+        psi_bytes = _get(r, "num_params") * _get(extra, "bytes_per_element")
+        by_op = dict(_get(extra, "comm_by_op"))
+        gloo = sum(GLOO_PAYLOAD[op](n) * b for op, b in by_op.items())
+        wires = [_get(x, "wire_bytes") for x in reports]
+        counted = None if None in wires else sum(wires) / len(wires)
+        rows.append(
+            {
+                "stage": stage,
+                "precision": precision,
+                "impl": impl,
+                "world_size": n,
+                "modelled": _get(r, "comm_bytes"),
+                "source": _get(r, "comm_source"),
+                "formula": (3 if stage == 3 else 2)
+                * bus_factor("all_gather", n)
+                * psi_bytes,
+                "psi_bytes": psi_bytes,
+                "by_op": by_op,
+                "gloo": gloo,
+                "counted": counted,
+                "counted_range": None if counted is None else (min(wires), max(wires)),
+                "framing": None if counted is None else counted - gloo,
+            }
+        )
+    return rows
+
+
+def comm_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """:func:`comm_rows` as a Markdown table, every column saying what it is."""
+    lines = [
+        "| impl | prec. | stage | modelled (per collective) | modelled / "
+        "$\\Psi$ | gloo's algorithms | counted on the wire | counted - gloo's |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ops = ", ".join(
+            f"{k.replace('_', '-')} {format_bytes(v)}" for k, v in r["by_op"].items()
+        )
+        counted, framing = "n/a", "n/a"
+        if r["counted"] is not None:
+            lo, hi = r["counted_range"]
+            spread = "" if lo == hi else f" ({format_bytes(lo)} to {format_bytes(hi)})"
+            counted = f"{format_bytes(r['counted'])}{spread}"
+            framing = f"{r['framing']:,.0f} B"
+        lines.append(
+            f"| {r['impl']} | {r['precision']} | {r['stage']} | "
+            f"{format_bytes(r['modelled'])}: {ops} | "
+            f"{r['modelled'] / r['psi_bytes']:.3g} | {format_bytes(r['gloo'])} | "
+            f"{counted} | {framing} |"
+        )
+    return "\n".join(lines)
+
+
+def stage2_gradient_peak(report, model, bucket_numel: int) -> dict[str, Any]:
+    """Stage 2 (the course's): the full gradients rank ``report`` held at once in
+    backward, from its memory ledger, beside its buckets.
+
+    Returns {"bucket_bytes": [...], "largest_bucket", "largest_grad" (bytes of the
+    largest parameter's gradient), "largest_module_grads" (the most gradient bytes
+    one module's own parameters have: what one backward operation produces),
+    "shards" (the gradient shards, after the step), "backward_peak" (the backward
+    marks' peak breakdown, "grads", less the shards: the measurement),
+    "after_copies" (the highest "grads" reading after a gradient copy, less the
+    shards), "beyond_bucket" (the modules whose own gradients are exactly what the
+    peak holds beyond the largest bucket)}.
+
+    ``model`` is the model the run trained (rebuilt: only its parameters' shapes
+    and names are read) and ``bucket_numel`` the run's bucket size; the lab's
+    ``stage2_layout`` gives both."""
+    from utils.zero.optim import bucket_layouts
+
+    extra = _get(report, "extra")
+    cfg = _get(extra, "config")
+    if (cfg["stage"], cfg["impl"]) != (2, "scratch"):
+        raise ValueError("stage2_gradient_peak needs a scratch stage-2 report")
+    elem = _get(extra, "bytes_per_element")
+    layouts = bucket_layouts(model.parameters(), bucket_numel, cfg["world_size"])
+    events = [e for e in _get(extra, "events") if e["event"] == "grad"]
+    if not events:
+        raise ValueError("no stage-2 events: run with memory tracking on")
+    shards = measured_after_step(report)["grads"]
+    backward = [m for m in _get(report, "memory") if m["phase"] == "backward"]
+    own = {
+        name: sum(p.numel() for p in m._parameters.values() if p is not None) * elem
+        for name, m in model.named_modules()
+    }
+    peak = max(m["peak"]["grads"] for m in backward) - shards
+    largest = max(lay.padded for lay in layouts) * elem
+    return {
+        "bucket_bytes": [lay.padded * elem for lay in layouts],
+        "largest_bucket": largest,
+        "largest_grad": max(p.numel() for p in model.parameters()) * elem,
+        "largest_module_grads": max(own.values()),
+        "shards": shards,
+        "backward_peak": peak,
+        "beyond_bucket": [k for k, v in own.items() if v and v == peak - largest],
+        "after_copies": max(e["current"]["grads"] for e in events) - shards,
+    }
 
 
 # ------------------------------------------------------------- stage 3 timeline

@@ -50,6 +50,7 @@ or momentum moves a parameter whose gradient is zero).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -66,10 +67,22 @@ from utils.flat import FlatBucket, FlatLayout, chunk_params, trainable_groups
 __all__ = [
     "FlatLayout",
     "FlatOptimizer",
+    "bucket_layouts",
     "ReplicatedOptimizer",
     "ShardedOptimizer",
     "ShardedGradOptimizer",
 ]
+
+
+def bucket_layouts(params, bucket_numel: int | None, num_shards: int) -> list:
+    """The :class:`FlatLayout` of each bucket :class:`FlatOptimizer` makes of
+    ``params`` (one parameter group), in its order: consecutive runs of at most
+    ``bucket_numel`` elements, in reverse registration order."""
+    group = trainable_groups(params)[0]["params"]
+    return [
+        FlatLayout((p.numel() for p in chunk), num_shards)
+        for chunk in chunk_params(reversed(group), bucket_numel)
+    ]
 
 
 class FlatOptimizer(torch.optim.Optimizer):
@@ -231,42 +244,74 @@ class ShardedOptimizer(ReplicatedOptimizer):
 class ShardedGradOptimizer(ShardedOptimizer):
     """ZeRO stage 2 (P_os+g): also keep only my 1/N of the gradients.
 
-    A hook on each parameter counts the gradients of its bucket; when the bucket is
-    complete it is reduce-scattered at once, in backward, and the full gradients
-    are dropped, so at most a bucket's worth of full gradients lives at a time.
+    A hook on each parameter fires once backward has accumulated its gradient. It
+    adds that gradient into its bucket's flat buffer (made at the bucket's first
+    gradient) and frees it; when the bucket is complete, the buffer is
+    reduce-scattered into my slice and freed. So the full gradients alive at once
+    are one bucket's buffer plus what the backward operation just run produced (a
+    linear layer's weight and bias gradients come out of one operation); a second
+    buffer exists only while a bucket waits for a gradient that arrives after the
+    next bucket's first. (Copying a bucket only once all its gradients exist, into
+    a buffer made then, would hold two buckets' worth: the gradients and the copy.)
+    ``on_event(event, bucket, phase)`` is called after each copy, before the
+    gradient is freed ("grad"), and after each reduce-scatter ("reduce-scatter").
     """
+
+    def __init__(self, params, optimizer_cls, *, on_event=None, **kwargs):
+        self._on_event = on_event or (lambda event, bucket, phase: None)
+        self._full: dict[int, torch.Tensor] = {}  # bucket index -> flat gradients
+        super().__init__(params, optimizer_cls, **kwargs)
 
     def _init_bucket(self, b: FlatBucket) -> None:
         b.grad_shard = torch.zeros(
             b.layout.shard_numel, dtype=b.flat.dtype, device=b.flat.device
         )
         self._track("grads", b.grad_shard)
-        for p in b.params:
-            p.register_post_accumulate_grad_hook(lambda p, b=b: self._on_grad(b))
-
-    def _on_grad(self, b: FlatBucket) -> None:
-        b.ready += 1
-        if b.ready == len(b.params):
-            self._reduce_bucket(b)
+        index = len(self.buckets)  # this bucket's place in self.buckets
+        for p, span in zip(b.params, b.layout.spans()):
+            hook = partial(self._on_grad, b, index, span)
+            p.register_post_accumulate_grad_hook(hook)
 
     @torch.no_grad()
-    def _reduce_bucket(self, b: FlatBucket) -> None:
-        full = torch.zeros_like(b.flat)  # the bucket's gradients, for one collective
-        self._track("other", full)
+    def _on_grad(self, b: FlatBucket, index: int, span, p: torch.Tensor) -> None:
+        full = self._full.get(index)
+        if full is None:  # the bucket's first gradient: make its flat buffer
+            full = self._full[index] = torch.zeros_like(b.flat)
+            self._track("grads", full)  # full gradients, flattened
+        full[span[0] : span[1]].add_(p.grad.reshape(-1))  # add: micro-batches
+        self._on_event("grad", f"bucket {index}", "backward")
+        p.grad = None  # autograd's copy is freed at once
+        b.ready += 1
+        if b.ready == len(b.params):
+            self._reduce_bucket(b, index)
+
+    @torch.no_grad()
+    def _reduce_bucket(self, b: FlatBucket, index: int) -> None:
+        full = self._full.pop(index, None)
+        if full is None:  # no gradient came at all
+            full = torch.zeros_like(b.flat)
         for p, (start, end) in zip(b.params, b.layout.spans()):
-            if p.grad is not None:
-                full[start:end].copy_(p.grad.reshape(-1))
-            p.grad = None  # the full gradient is freed as soon as it is reduced
+            if p.grad is not None:  # only when called from step(): a late gradient
+                full[start:end].add_(p.grad.reshape(-1))
+                p.grad = None
         mine = torch.empty_like(b.grad_shard)
         self._track("other", mine)
         reduce_scatter(mine, full, meter=self.meter, group=self.group)
+        del full  # the bucket's full gradients are gone
         b.grad_shard.add_(mine.div_(dist.get_world_size(self.group)))
         b.ready, b.reduced = 0, True
+        self._on_event("reduce-scatter", f"bucket {index}", "backward")
 
     def _reduce(self, b: FlatBucket) -> None:
         if not b.reduced:  # some gradient never came (an unused parameter)
-            self._reduce_bucket(b)
+            self._reduce_bucket(b, self.buckets.index(b))
         b.reduced = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._full.clear()  # a backward that stopped half way leaves nothing behind
+        for b in self.buckets:
+            b.ready = 0
 
 
 # [sharded-grad-end]
