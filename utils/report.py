@@ -20,6 +20,7 @@ import dataclasses
 import importlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -66,8 +67,23 @@ def lab_data(cls: type) -> type:
     """
     if not dataclasses.is_dataclass(cls):
         cls = dataclass(cls)
-    _LAB_DATA[f"{cls.__module__}:{cls.__qualname__}"] = cls
+    _LAB_DATA[_key_of(cls)] = cls
     return cls
+
+
+def _module_name(module: str) -> str:
+    """A module's importable name: ``python -m labs.x`` (and ``torchrun -m``) runs
+    the lab as ``__main__``, whose real name its ``__spec__`` keeps, so a report
+    saved there loads anywhere."""
+    if module == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if spec is not None and spec.name:
+            return spec.name
+    return module
+
+
+def _key_of(cls: type) -> str:
+    return f"{_module_name(cls.__module__)}:{cls.__qualname__}"
 
 
 def _lab_data_class(key: str) -> type:
@@ -118,7 +134,7 @@ class RankReport:
         data = asdict(self)  # recurses into the extra dataclass
         if self.extra is not None:
             cls = type(self.extra)
-            data["extra_type"] = f"{cls.__module__}:{cls.__qualname__}"
+            data["extra_type"] = _key_of(cls)
         return data
 
     @classmethod
