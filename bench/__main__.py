@@ -15,7 +15,17 @@ import time
 
 import bench
 
-ORDER = ["launch", "foundations", "data_parallel", "zero", "book"]
+ORDER = [
+    "launch",
+    "foundations",
+    "data_parallel",
+    "zero",
+    "offload",
+    "model_parallel",
+    "pipeline_parallel",
+    "simd_mimd",
+    "book",
+]
 """Cheap benchmarks first, so a slow one does not hide the others' figures."""
 
 
