@@ -88,6 +88,7 @@ def stages_of(rank: int, p: int, v: int = 1) -> list[int]:
 
 
 # ---------------------------------------------------------------- the schedules
+# [gpipe-start]
 def gpipe(rank: int, p: int, m: int, v: int = 1) -> list[Action]:
     """GPipe (Huang et al. 2019, section 2.2): every forward, then every backward.
 
@@ -103,6 +104,10 @@ def gpipe(rank: int, p: int, m: int, v: int = 1) -> list[Action]:
     return actions
 
 
+# [gpipe-end]
+
+
+# [one-f-one-b-start]
 def one_f_one_b(rank: int, p: int, m: int, v: int = 1) -> list[Action]:
     """1F1B, PipeDream-Flush (Narayanan et al. 2021, section 2.2, Figure 4 top).
 
@@ -123,6 +128,10 @@ def one_f_one_b(rank: int, p: int, m: int, v: int = 1) -> list[Action]:
     return actions
 
 
+# [one-f-one-b-end]
+
+
+# [interleaved-start]
 def interleaved(rank: int, p: int, m: int, v: int = 1) -> list[Action]:
     """Interleaved 1F1B (Narayanan et al. 2021, section 2.2, Figure 4 bottom).
 
@@ -169,6 +178,10 @@ def interleaved(rank: int, p: int, m: int, v: int = 1) -> list[Action]:
     return actions
 
 
+# [interleaved-end]
+
+
+# [zb1p-start]
 def zb1p(rank: int, p: int, m: int, v: int = 1) -> list[Action]:
     """ZB-H1 (Qi et al. 2024, "Zero Bubble Pipeline Parallelism", section 2.1).
 
@@ -206,6 +219,9 @@ def zb1p(rank: int, p: int, m: int, v: int = 1) -> list[Action]:
         after_backward(i)
     actions += [Action("W", rank, i) for i in range(weights, m)]  # held back
     return actions
+
+
+# [zb1p-end]
 
 
 SCHEDULES: dict[str, Schedule] = {
