@@ -59,15 +59,54 @@ What the ledger cannot see: tensors made before tracking that no ``watch``,
 ``assign`` or module input reaches (build DDP inside ``with`` to count buckets
 that are not the grads themselves; with ``gradient_as_bucket_view=True`` they are
 the grads, and outlive ``zero_grad()`` as DDP keeps them), memory a library
-allocates without an aten op (gloo's scratch space), and, on a device tracker,
-tensors on other devices (use a second tracker for host memory when offloading).
+allocates without an aten op (gloo's scratch space), and tensors on devices
+other than the tracker's and the host (another GPU).
 An optimizer that does not subclass ``torch.optim.Optimizer`` has no step hooks:
-``assign`` its state.
+``assign`` its state. A tracker sees the operations of its own thread only (a
+dispatch mode is thread-local): work done in another thread (the offload
+chapter's delayed host step) is counted at the next mark through ``watch`` and
+``assign``, and its temporaries not at all.
+
+Two pools: device and host (chapter 3, "CPU offloading"). Every tracked storage
+is also filed in a *pool*, "device" or "host", by where the algorithm keeps it:
+
+* on CUDA, by its real device: storages on the tracker's GPU are "device",
+  storages in CPU memory "host" (pinned or not); a ``pool`` given below is
+  ignored there, the device wins;
+* on the CPU fallback both are CPU memory, so the placement is logical: a
+  storage is "device" unless the code that made it said otherwise, with
+  ``assign(category, tensors, pool="host")`` (the offload pieces' ``track``) or
+  by creating it inside ``with placement("host"):`` (a thread-local setting that
+  every tracker of the thread reads, for temporaries such as a host step's
+  workspace). ``assign(..., pool="device")`` moves a storage back.
+
+The top-level "current", "peak" and "peak_total" of a timeline entry (and
+:meth:`MemoryTracker.current`) are the device pool: what they always were when
+nothing is on the host, and on CUDA what the GPU holds. ``entry["pools"]`` has
+both pools, each ``{"current", "peak", "peak_total"}`` by category; each pool's
+peak is its own (the host may peak in the step while the device peaks in
+backward). A tracker made with ``device_budget=BYTES`` refuses to let the device
+pool grow past it: the allocation that would raises ``torch.OutOfMemoryError``
+(the class CUDA raises; ``torch.cuda.OutOfMemoryError`` is the same class) with a
+message in CUDA's form naming the pool, the bytes tried, the budget, what is in
+use by category and what is free::
+
+    mem = MemoryTracker("cpu", device_budget=8 * 2**20)
+    with mem:
+        ...  # torch.OutOfMemoryError: Device pool out of memory (logical budget,
+             # utils.memory). Tried to allocate 1.0 MiB (1,048,576 bytes). The
+             # device pool of cpu has a budget of 8.0 MiB (8,388,608 bytes) of
+             # which 512.0 KiB is free; 7.5 MiB is in use (params 2.0 MiB, ...).
+
+The budget is a ledger budget: on CUDA the allocator's own limit still applies
+(``torch.cuda.set_per_process_memory_fraction`` sets that one).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import threading
 import weakref
 from collections.abc import Callable, Iterator, KeysView, ValuesView
 from typing import Any
@@ -87,9 +126,9 @@ from torch.utils._python_dispatch import (
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from utils.report import CATEGORIES
+from utils.report import CATEGORIES, format_bytes
 
-__all__ = ["MemoryTracker", "tensor_bytes"]
+__all__ = ["POOLS", "MemoryTracker", "current_placement", "placement", "tensor_bytes"]
 
 _CUDA_BLOCK = 512  # the caching allocator's smallest block, in bytes
 
@@ -128,45 +167,115 @@ def tensor_bytes(tensors) -> int:
     return sum(seen.values())
 
 
+POOLS = ("device", "host")
+"""The two pools of the ledger: what the accelerator holds, and host memory."""
+
+_PLACEMENT = threading.local()
+
+
+@contextlib.contextmanager
+def placement(pool: str) -> Iterator[None]:
+    """File the storages this thread creates inside the block in ``pool``.
+
+    The CPU fallback's logical placement (chapter 3): ``with placement("host"):``
+    around a host-side step makes its temporaries and new state "host" in every
+    tracker of this thread. Nested blocks: the innermost wins. On CUDA trackers
+    the real device decides and this has no effect.
+    """
+    _check_pool(pool)
+    previous = getattr(_PLACEMENT, "pool", None)
+    _PLACEMENT.pool = pool
+    try:
+        yield
+    finally:
+        _PLACEMENT.pool = previous
+
+
+def current_placement() -> str:
+    """The pool new storages of this thread go to on the CPU fallback."""
+    return getattr(_PLACEMENT, "pool", None) or "device"
+
+
+def _check_pool(pool) -> None:
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+
+
 class _Record:
     """One live storage in the ledger."""
 
-    __slots__ = ("nbytes", "category", "forced", "born", "alive", "ref")
+    __slots__ = (
+        "nbytes",
+        "category",
+        "forced",
+        "pool",
+        "born",
+        "alive",
+        "ref",
+    )
 
-    def __init__(self, nbytes: int, category: str, born: str | None):
+    def __init__(self, nbytes: int, category: str, born: str | None, pool: str):
         self.nbytes = nbytes
         self.category = category
         self.forced: str | None = None
+        self.pool = pool
         self.born = born  # "setup", "step", "prologue" or None (forward/backward)
         self.alive = True
         self.ref: weakref.ref | None = None
 
 
-class MemoryTracker(TorchDispatchMode):
-    """Per-rank memory timeline by category; see the module docstring.
+class _Pool:
+    """One pool's totals by category and the bookkeeping of its phase peak."""
 
-    ``device``: the device whose memory is counted (tensors elsewhere, e.g. Adam's
-    CPU ``step`` counters on a CUDA run, are ignored; use a second tracker for host
-    memory when offloading).
+    __slots__ = ("name", "totals", "peak_total", "at_peak", "peak_snap")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.totals = dict.fromkeys(CATEGORIES, 0)
+        self.peak_total = 0
+        self.at_peak = True  # the current state is the phase's (unsnapshotted) peak
+        self.peak_snap: list[tuple[_Record, int]] = []
+
+    def total(self) -> int:
+        return sum(self.totals.values())
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Per-rank memory timeline by category and pool; see the module docstring.
+
+    ``device``: the device whose memory is counted. On CUDA, CPU storages are
+    counted too, in the host pool (tensors on other GPUs are ignored).
+    ``device_budget``: bytes the device pool may hold (None: no limit); beyond it
+    the allocation raises ``torch.OutOfMemoryError``.
     """
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(
+        self, device: torch.device | str = "cpu", device_budget: int | None = None
+    ):
         super().__init__()
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        if device_budget is not None and (
+            isinstance(device_budget, bool)
+            or not isinstance(device_budget, int)
+            or device_budget < 0
+        ):
+            raise ValueError(
+                f"device_budget must be a number of bytes >= 0 or None, got "
+                f"{device_budget!r}"
+            )
         self.device = device
+        self.device_budget = device_budget
         self._cuda = device.type == "cuda"
         self._by_storage = WeakIdKeyDictionary()  # storage -> _Record
         self._live: dict[int, _Record] = {}
-        self._totals = dict.fromkeys(CATEGORIES, 0)
+        self._pools = {name: _Pool(name) for name in POOLS}
+        self._totals = self._pools["device"].totals  # the device pool, as before
         self._pending: collections.deque[_Record] = collections.deque()
-        self._peak_total = 0
-        self._at_peak = True  # the current state is the phase's (unsnapshotted) peak
-        self._peak_snap: list[tuple[_Record, int]] = []
         self._modules: list[nn.Module] = []
         self._optimizers: list[torch.optim.Optimizer] = []
-        self._assigned: list[tuple[str, Callable[[], Any]]] = []
+        self._assigned: list[tuple[str, str | None, Callable[[], Any]]] = []
         self._timeline: list[dict] = []
         self._depth = 0
         self._step_depth = 0
@@ -177,6 +286,7 @@ class MemoryTracker(TorchDispatchMode):
         self._handles: list[Any] = []
         self._hooked: set[int] = set()
         self._orig_resize = None
+        self._thread = threading.get_ident()
 
     # ------------------------------------------------------------------ public
     def watch(
@@ -203,28 +313,33 @@ class MemoryTracker(TorchDispatchMode):
         self._check_peak()
         return self
 
-    def assign(self, category: str, tensors) -> MemoryTracker:
+    def assign(self, category: str, tensors, pool: str | None = None) -> MemoryTracker:
         """File ``tensors`` under ``category`` whatever else they look like.
 
         ``tensors``: a tensor, an iterable of tensors, or a zero-argument callable
         returning them, called again at every mark (for buffers that are replaced).
         E.g. ``assign("optimizer", master_shard)``, ``assign("grads", lambda:
         opt.grad_shard)``, ``assign("other", bucket)``. The last assignment wins.
+        ``pool``: "device" or "host" to place them there too (the CPU fallback's
+        logical placement; on CUDA the real device wins); None leaves the pool.
         """
         if category not in CATEGORIES:
             raise ValueError(f"category must be one of {CATEGORIES}, got {category!r}")
+        if pool is not None:
+            _check_pool(pool)
         if callable(tensors):
-            self._assigned.append((category, tensors))
+            self._assigned.append((category, pool, tensors))
+            self._classify()
         else:  # pin the storages now: the caller may drop its references
-            for rec in self._records_of(tensors, category):
-                rec.forced = category
-                self._set_category(rec, category)
-        self._classify()
+            self._drain()
+            for rec in self._records_of(tensors, category, pool):
+                self._force(rec, category, pool)
         self._check_peak()
         return self
 
     def mark(self, phase: str, step: int | None = None) -> dict:
-        """End a phase: record current bytes by category and the phase's peak.
+        """End a phase: record current bytes by category and the phase's peak,
+        for the device pool (top level) and for both pools (``"pools"``).
 
         Returns the timeline entry (also kept for :meth:`timeline`).
         """
@@ -238,8 +353,12 @@ class MemoryTracker(TorchDispatchMode):
         self._prologue = 0
         self._classify()
         self._check_peak()
-        current = dict(self._totals)
-        peak = self._peak_breakdown()
+        pools = {}
+        for name, pool in self._pools.items():
+            current, peak = dict(pool.totals), self._peak_breakdown(pool)
+            pools[name] = {"current": current, "peak": peak}
+        device = pools["device"]
+        current, peak = dict(device["current"]), dict(device["peak"])
         entry: dict[str, Any] = {"phase": phase, "step": step}
         entry["ledger"] = {"current": dict(current), "peak": dict(peak)}
         entry["allocator"] = None
@@ -256,6 +375,10 @@ class MemoryTracker(TorchDispatchMode):
         entry["current"] = current
         entry["peak"] = peak
         entry["peak_total"] = sum(peak.values())
+        pools["device"] = {"current": dict(current), "peak": dict(peak)}
+        for values in pools.values():
+            values["peak_total"] = sum(values["peak"].values())
+        entry["pools"] = pools
         self._timeline.append(entry)
         self._marked = True
         self._reset_peak()
@@ -263,22 +386,28 @@ class MemoryTracker(TorchDispatchMode):
 
     def timeline(self) -> list[dict]:
         """The phases so far: ``{"phase", "step", "current", "peak", "peak_total",
-        "ledger", "allocator"}``; plain ints and dicts (JSON-able, picklable).
+        "ledger", "allocator", "pools"}``; plain ints and dicts (JSON-able,
+        picklable).
 
-        "current"/"peak" have exactly the keys of ``CATEGORIES``; "allocator" is None
-        on CPU, ``{"current", "peak", "reserved"}`` on CUDA.
+        "current"/"peak" (the device pool) have exactly the keys of ``CATEGORIES``;
+        "allocator" is None on CPU, ``{"current", "peak", "reserved"}`` on CUDA;
+        "pools" is ``{"device": {...}, "host": {...}}``, each with "current",
+        "peak" (by category) and "peak_total".
         """
         return [_copy_entry(e) for e in self._timeline]
 
-    def current(self) -> dict[str, int]:
-        """Live bytes by category right now, as the ledger sees them (no mark)."""
+    def current(self, pool: str = "device") -> dict[str, int]:
+        """Live bytes by category right now in ``pool``, as the ledger sees them
+        (no mark)."""
+        _check_pool(pool)
         self._drain()
         self._classify()
-        return dict(self._totals)
+        return dict(self._pools[pool].totals)
 
     # ----------------------------------------------------------- context manager
     def __enter__(self) -> MemoryTracker:
         if self._depth == 0:
+            self._thread = threading.get_ident()  # the thread whose ops are seen
             self._handles.append(register_optimizer_step_pre_hook(self._on_step_pre))
             self._handles.append(register_optimizer_step_post_hook(self._on_step_post))
             for module in self._modules:
@@ -327,17 +456,30 @@ class MemoryTracker(TorchDispatchMode):
             return "other", "setup"
         return "activations", None
 
-    def _records_of(self, tensors, category: str | None) -> list[_Record]:
+    def _pool_of(self, st: torch.UntypedStorage) -> str | None:
+        """The pool a new storage goes to, or None if this tracker ignores it."""
+        if st.device == self.device:
+            return "device" if self._cuda else current_placement()
+        if self._cuda and st.device.type == "cpu":
+            return "host"
+        return None
+
+    def _records_of(
+        self, tensors, category: str | None, pool: str | None = None
+    ) -> list[_Record]:
         """Ledger records for ``tensors`` (new ones created as ``category``, or as
-        :meth:`_birth` says when None)."""
+        :meth:`_birth` says when None; in ``pool``, or where they are placed)."""
         out = []
         for t in _tensors(tensors):
             for st in _storages(t):
-                if st.device != self.device:
-                    continue
                 rec = self._by_storage.get(st)
                 if rec is None:
-                    rec = self._add(st, category)
+                    where = self._pool_of(st)
+                    if where is None:
+                        continue
+                    if pool is not None and not self._cuda:
+                        where = pool
+                    rec = self._add(st, category, where)
                 elif rec.nbytes != self._nbytes(st):
                     self._resize(rec, self._nbytes(st))
                 out.append(rec)
@@ -345,18 +487,24 @@ class MemoryTracker(TorchDispatchMode):
 
     def _nbytes(self, st: torch.UntypedStorage) -> int:
         n = st.nbytes()
-        return -(-n // _CUDA_BLOCK) * _CUDA_BLOCK if self._cuda else n
+        if self._cuda and st.device == self.device:
+            return -(-n // _CUDA_BLOCK) * _CUDA_BLOCK
+        return n
 
-    def _add(self, st: torch.UntypedStorage, category: str | None) -> _Record:
+    def _add(
+        self, st: torch.UntypedStorage, category: str | None, pool: str
+    ) -> _Record:
         born_as, born = self._birth()
         if category is None:
             category = born_as
-        rec = _Record(self._nbytes(st), category, born)
+        nbytes = self._nbytes(st)
+        self._check_budget(pool, nbytes)  # before the ledger changes: nothing to undo
+        rec = _Record(nbytes, category, born, pool)
         pending = self._pending
         rec.ref = weakref.ref(st, lambda _ref, rec=rec: pending.append(rec))
         self._by_storage[st] = rec
         self._live[id(rec)] = rec
-        self._totals[category] += rec.nbytes
+        self._pools[pool].totals[category] += rec.nbytes
         if born == "step":
             self._step_born.append(rec)
         return rec
@@ -367,48 +515,96 @@ class MemoryTracker(TorchDispatchMode):
             rec = self._pending.popleft()
             if not rec.alive:
                 continue
-            self._before_decrease()
+            pool = self._pools[rec.pool]
+            self._before_decrease(pool)
             rec.alive = False
             self._live.pop(id(rec), None)
-            self._totals[rec.category] -= rec.nbytes
+            pool.totals[rec.category] -= rec.nbytes
 
     def _resize(self, rec: _Record, nbytes: int) -> None:
-        if nbytes < rec.nbytes:
-            self._before_decrease()
-        self._totals[rec.category] += nbytes - rec.nbytes
+        pool = self._pools[rec.pool]
+        grow = nbytes - rec.nbytes
+        if grow > 0:
+            self._check_budget(rec.pool, grow)
+        else:
+            self._before_decrease(pool)
+        pool.totals[rec.category] += grow
         rec.nbytes = nbytes
 
     def _set_category(self, rec: _Record, category: str) -> None:
         if rec.forced is not None:
             category = rec.forced
         if rec.alive and rec.category != category:
-            self._totals[rec.category] -= rec.nbytes
-            self._totals[category] += rec.nbytes
+            totals = self._pools[rec.pool].totals
+            totals[rec.category] -= rec.nbytes
+            totals[category] += rec.nbytes
         rec.category = category
 
-    def _before_decrease(self) -> None:
-        # Memory is about to go down: if we stand at the phase's peak, remember which
-        # storages made it up; they are filed by category only at the mark.
-        if self._at_peak:
-            self._peak_snap = [(r, r.nbytes) for r in list(self._live.values())]
-            self._at_peak = False
+    def _set_pool(self, rec: _Record, pool: str) -> None:
+        """Move a record to ``pool`` (CPU fallback only: on CUDA the device wins)."""
+        if self._cuda or rec.pool == pool:
+            return
+        if rec.alive:
+            self._check_budget(pool, rec.nbytes)
+            old = self._pools[rec.pool]
+            self._before_decrease(old)
+            old.totals[rec.category] -= rec.nbytes
+            self._pools[pool].totals[rec.category] += rec.nbytes
+        rec.pool = pool
+
+    def _force(self, rec: _Record, category: str, pool: str | None) -> None:
+        rec.forced = category
+        self._set_category(rec, category)
+        if pool is not None:
+            self._set_pool(rec, pool)
+
+    def _check_budget(self, pool: str, tried: int) -> None:
+        """Before the device pool grows by ``tried`` bytes: raise CUDA's
+        out-of-memory error if that would take it past the budget (the ledger is
+        left as it was, as a failed allocation leaves the allocator)."""
+        budget = self.device_budget
+        if pool != "device" or budget is None:
+            return
+        totals = self._pools["device"].totals
+        in_use = sum(totals.values())
+        if in_use + tried <= budget:
+            return
+        split = ", ".join(f"{c} {format_bytes(totals[c])}" for c in CATEGORIES)
+        raise torch.OutOfMemoryError(
+            "Device pool out of memory (logical budget, utils.memory). Tried to "
+            f"allocate {format_bytes(tried)} ({tried:,} bytes). The device pool of "
+            f"{self.device} has a budget of {format_bytes(budget)} ({budget:,} "
+            f"bytes) of which {format_bytes(max(0, budget - in_use))} is free; "
+            f"{format_bytes(in_use)} is in use ({split})."
+        )
+
+    def _before_decrease(self, pool: _Pool) -> None:
+        # Memory is about to go down: if we stand at the pool's phase peak,
+        # remember which storages made it up; they are filed by category only at
+        # the mark (in the pool they were in then).
+        if pool.at_peak:
+            live = self._live.values()
+            pool.peak_snap = [(r, r.nbytes) for r in live if r.pool == pool.name]
+            pool.at_peak = False
 
     def _check_peak(self) -> None:
-        total = sum(self._totals.values())
-        if total > self._peak_total:
-            self._peak_total = total
-            self._at_peak = True
+        for pool in self._pools.values():
+            total = pool.total()
+            if total > pool.peak_total:
+                pool.peak_total = total
+                pool.at_peak = True
 
     def _reset_peak(self) -> None:
-        self._peak_total = sum(self._totals.values())
-        self._at_peak = True
-        self._peak_snap = []
+        for pool in self._pools.values():
+            pool.peak_total = pool.total()
+            pool.at_peak = True
+            pool.peak_snap = []
 
-    def _peak_breakdown(self) -> dict[str, int]:
-        if self._at_peak:
-            return dict(self._totals)
+    def _peak_breakdown(self, pool: _Pool) -> dict[str, int]:
+        if pool.at_peak:
+            return dict(pool.totals)
         peak = dict.fromkeys(CATEGORIES, 0)
-        for rec, nbytes in self._peak_snap:
+        for rec, nbytes in pool.peak_snap:
             peak[rec.category] += nbytes
         return peak
 
@@ -422,6 +618,11 @@ class MemoryTracker(TorchDispatchMode):
                 self._params[p] = True
         module_params = list(self._params.keys())
         owned = {id(st) for p in module_params for st in _storages(p)}
+        # Storages first seen here (made in another thread) go to their assigned
+        # pool at once, so the device budget never counts a host tensor.
+        for category, pool, fn in self._assigned:
+            if pool is not None:
+                self._records_of(fn(), category, pool)
         for opt in _optimizers_within(self._optimizers):
             for rec in self._records_of(list(opt.state.values()), "optimizer"):
                 self._set_category(rec, "optimizer")
@@ -443,10 +644,9 @@ class MemoryTracker(TorchDispatchMode):
         for m in self._modules:
             for rec in self._records_of(list(m.buffers()), "other"):
                 self._set_category(rec, "other")
-        for category, fn in self._assigned:
-            for rec in self._records_of(fn(), category):
-                rec.forced = category
-                self._set_category(rec, category)
+        for category, pool, fn in self._assigned:
+            for rec in self._records_of(fn(), category, pool):
+                self._force(rec, category, pool)
 
     # -------------------------------------------------------------------- hooks
     def _install_module_hooks(self, module: nn.Module) -> None:
@@ -488,9 +688,13 @@ class MemoryTracker(TorchDispatchMode):
         self._check_peak()
 
     def _on_step_pre(self, optimizer, args, kwargs) -> None:
+        if threading.get_ident() != self._thread:
+            return  # another thread's step: its operations are not seen here either
         self._step_depth += 1
 
     def _on_step_post(self, optimizer, args, kwargs) -> None:
+        if threading.get_ident() != self._thread:
+            return
         self._step_depth = max(0, self._step_depth - 1)
         self._drain()
         for rec in self._records_of(list(optimizer.state.values()), "optimizer"):
@@ -512,12 +716,13 @@ class MemoryTracker(TorchDispatchMode):
 
         def resize_(st, size):
             result = orig(st, size)
-            if st.device == tracker.device:
+            pool = tracker._pool_of(st)
+            if pool is not None:
                 tracker._drain()
                 rec = tracker._by_storage.get(st)
                 if rec is None:
                     if size > 0:
-                        tracker._add(st, None)
+                        tracker._add(st, None, pool)
                 elif rec.nbytes != tracker._nbytes(st):
                     tracker._resize(rec, tracker._nbytes(st))
                 tracker._check_peak()

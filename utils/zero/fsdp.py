@@ -103,6 +103,16 @@ compute dtype and kept whole on every rank; floating inputs are cast too (as FSD
 does). ``track(category, tensor)`` (e.g. ``MemoryTracker.assign``) is told about
 every buffer made here. Use ``model.parameters()`` of the wrapper (the shards); the
 wrapped module holds its full twins only inside a unit's forward.
+
+Parameter offload (chapter 3, ``offload=``): an object with three methods keeps
+the shards on the host, ZeRO-Infinity's and FSDP2's ``CPUOffloadPolicy`` layout
+(``utils.offload.params.ParamOffload`` is the course's): ``place(unit)`` is called
+once a unit is sharded and may move its ``master``, ``shard`` and ``grad16`` to the
+host (re-pointing the parameters at the new master); ``fetch(unit)`` returns the
+device tensor each all-gather sends, copied up from the host shard; ``store(unit,
+reduced)`` takes this rank's averaged gradient from the reduce-scatter (on the
+device) and returns it on the host in the master dtype, where the parameters'
+``.grad`` then point. Without it (None) nothing changes.
 """
 
 from __future__ import annotations
@@ -200,6 +210,7 @@ class FullyShardedModule(nn.Module):
         track: Callable[[str, torch.Tensor], object] | None = None,
         on_event: Callable[[str, str, str], object] | None = None,
         prefetch: bool = True,
+        offload=None,
     ):
         super().__init__()
         if not dist.is_initialized():
@@ -213,6 +224,7 @@ class FullyShardedModule(nn.Module):
             else compute_dtype
         )
         self.group, self.meter, self.prefetch = group, meter, prefetch
+        self.offload = offload  # a parameter-offload hook (chapter 3), or None
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self._track = track or (lambda category, tensor: None)
         self._on_event = on_event or (lambda event, unit, phase: None)
@@ -293,6 +305,8 @@ class FullyShardedModule(nn.Module):
             self._track("params", u.shard)
             u.grad16 = torch.zeros(offset, dtype=compute, device=device)
             self._track("grads", u.grad16)  # the reduce-scatter's output
+        if self.offload is not None:
+            self.offload.place(u)  # master, shard and grad16 to the host
         # The full buffer: each parameter's padded rows in order; twins view it.
         u.full = torch.zeros(n * offset, dtype=compute, device=device)
         storage = u.full.untyped_storage()
@@ -353,11 +367,14 @@ class FullyShardedModule(nn.Module):
     def _start_gather(self, u: _Unit) -> None:
         self._cast_shard(u)
         buffer = torch.empty(
-            self.world_size * u.numel, dtype=u.compute, device=u.shard.device
+            self.world_size * u.numel, dtype=u.compute, device=u.full.device
         )
         self._track("other", buffer)  # a communication buffer
+        # The all-gather's input: the shard, or its copy fetched up from the host
+        # (the collective's work object keeps it alive until it is waited).
+        src = u.shard if self.offload is None else self.offload.fetch(u)
         work = all_gather(
-            buffer, u.shard, meter=self.meter, group=self.group, async_op=True
+            buffer, src, meter=self.meter, group=self.group, async_op=True
         )
         u.all_gather = (work, buffer)
         self._note()
@@ -446,8 +463,11 @@ class FullyShardedModule(nn.Module):
         # [rank 0's rows of g0 g1 ..., rank 1's rows ...], zero-padded per parameter
         torch._chunk_cat(grads, dim=0, num_chunks=n, out=flat.view(n, -1))
         del grads
-        if u.mixed:
+        if u.mixed and self.offload is None:
             out = u.grad16
+        elif self.offload is not None:  # a device buffer; store() takes it to the host
+            out = torch.empty(u.numel, dtype=u.compute, device=u.full.device)
+            self._track("other", out)
         else:
             out = torch.empty(u.numel, dtype=u.compute, device=u.full.device)
             fresh = any(s.param.grad is None for s in u.params)
@@ -471,8 +491,11 @@ class FullyShardedModule(nn.Module):
         entry.clear()  # drops the reduce-scatter's input buffer
         del work
         out.div_(self.world_size)
-        grads = out if not u.mixed else out.to(u.master.dtype)  # the fp32 gradient
-        if grads is not out:
+        if self.offload is not None:
+            grads = self.offload.store(u, out)  # on the host, in the master dtype
+        else:
+            grads = out if not u.mixed else out.to(u.master.dtype)  # fp32 gradient
+        if grads is not out and self.offload is None:
             fresh = any(s.param.grad is None for s in u.params)
             self._track("grads" if fresh else "other", grads)
         for s in u.params:
@@ -604,7 +627,8 @@ class FullyShardedModule(nn.Module):
             buffer = torch.empty(
                 n * u.numel, dtype=u.master.dtype, device=u.full.device
             )
-            all_gather(buffer, u.master, group=self.group)  # not part of a step
+            master = u.master.to(buffer.device)  # from the host when offloaded
+            all_gather(buffer, master, group=self.group)  # not part of a step
             ranks = buffer.view(n, -1)
             for s in u.params:
                 rows = ranks[:, s.offset : s.offset + s.numel].reshape(
