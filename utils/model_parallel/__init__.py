@@ -1,4 +1,5 @@
-"""Chapter 3 (to come), "Tensor parallelism": the map of its code.
+"""Chapter 4, "Model parallelism: layers and tensors"
+(``chapters/04-model-parallel.md``): the map of its code.
 
 =======================================  ===============================================
 ``utils/model_parallel/comm``            the conjugate operators as autograd Functions:
@@ -16,16 +17,60 @@
                                          rewritten from a table of (path, style) rows;
                                          ``sync_sequence_parallel_grads``,
                                          ``full_parameters``
+``utils/model_parallel/layer_split``     the split across layers: ``split_layers``,
+                                         ``LayerGroup`` (any list of modules, one
+                                         group per rank, blocking send/recv,
+                                         counted and timed), ``gpt_groups`` (the
+                                         course GPT's embedding, blocks and head
+                                         assigned to groups)
+``utils/model_parallel/torch_impl``      torch's own: ``torch_tp`` / ``torch_tp_plan``
+                                         (``parallelize_module`` plan),
+                                         ``parallel_cross_entropy``
+                                         (``loss_parallel``), ``full_state``,
+                                         ``TorchLayerGroup`` (pipelining with one
+                                         micro-batch), ``TPCollectiveCounter``
+                                         (counts DTensor's functional collectives)
+``labs/model_parallel.py``               the lab: ``--mode layers|tensor``,
+                                         ``--tp-size``, ``--dp-size``,
+                                         ``--sequence-parallel``, ``--impl``;
+                                         ``Config``, ``ModelParallelData``,
+                                         ``worker``, ``run``, ``run_many``,
+                                         ``reference`` (one process), and the
+                                         analytic model (``param_split``,
+                                         ``activation_bytes_per_layer``,
+                                         ``predicted``)
+``tests/test_model_parallel.py``         the lab: both modes and impls against one
+                                         process, collective counts against torch's
+                                         and CommDebugMode, model-state and
+                                         activation bytes against the model, bytes
+                                         per layer counted on the sockets, the
+                                         layers timeline, bad layouts
+``bench/model_parallel.py``              scratch against torch tensor parallelism
+                                         (step time), the default lab's wall time
+``utils/model_parallel/figures``         the chapter's figures and widgets, pure
+                                         functions of the lab's reports: the shards
+                                         each rank holds, the layer split's
+                                         per-rank timeline (idle shaded), memory per
+                                         rank against the number of ranks, bytes per
+                                         layer and step against t, activations per
+                                         layer with and without SP, why TP stays in
+                                         a node (modelled), runs against one process
+``utils/model_parallel/exercises``       checks of exercises 4.1 (the row-parallel
+                                         forward, 2 ranks against ``nn.Linear``),
+                                         4.2 (``g`` as an autograd Function), 4.3
+                                         (parameter and wire bytes per rank,
+                                         counted on real models) and 4.4 (the
+                                         layer-norm gradient bug of a
+                                         sequence-parallel step); each passes on
+                                         the chapter's solution and fails on
+                                         plausible wrong answers, in tests/
+                                         ``test_model_parallel_exercises.py``
 ``tests/test_model_parallel_layers.py``  each layer against ``nn.Linear``, the GPT
                                          against one process (tp 2 and 4, dp x tp
                                          2 x 2, with and without sequence
                                          parallelism), collective counts against
                                          torch's ``parallelize_module``
 =======================================  ===============================================
-
-Still to come: the lab ``labs/model_parallel.py``, the chapter
-(``chapters/NN-model-parallel.md``), its exercises and figures, ``bench/
-model_parallel.py`` and ``tests/test_model_parallel.py``.
 
 Papers: Shoeybi et al. 2019, "Megatron-LM: Training Multi-Billion Parameter
 Language Models Using Model Parallelism", sec. 3 (the layers, ``f`` and ``g``, the

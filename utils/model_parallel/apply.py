@@ -58,6 +58,7 @@ from utils.model_parallel.layers import (
 )
 from utils.models import GPTConfig
 
+# [tp-plan-start]
 # (module path pattern, style). "input": f (with sequence parallelism, the
 # sequence all-gather) once at the module's input; "column_shared_input": a column
 # layer behind such an input, which skips its own.
@@ -73,6 +74,7 @@ TP_PLAN: tuple[tuple[str, str], ...] = (
 _PARALLEL = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
 # Only with sequence parallelism: the positions follow the residual's tokens.
 SP_PLAN: tuple[tuple[str, str], ...] = (("pos", "sequence_embedding"),)
+# [tp-plan-end]
 
 
 def check_tensor_parallel(
@@ -207,6 +209,7 @@ def apply_tensor_parallel(
     return model
 
 
+# [sp-grads-start]
 def sync_sequence_parallel_grads(
     model: nn.Module, group, *, meter: CommMeter | None = None
 ) -> None:
@@ -227,6 +230,9 @@ def sync_sequence_parallel_grads(
     dist.all_reduce(flat, group=group)
     for g, new in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(new.view_as(g))
+
+
+# [sp-grads-end]
 
 
 @torch.no_grad()

@@ -68,7 +68,14 @@ def all_gather_along(
     meter: CommMeter | None = None,
     phase: str = "fwd",
 ) -> torch.Tensor:
-    """Every rank's ``x`` concatenated along ``dim``, in group-rank order."""
+    """Every rank's ``x`` concatenated along ``dim``, in group-rank order, as a
+    contiguous tensor.
+
+    Why contiguous: gathered along dim 0 and moved back, the result is a strided
+    view, and every layer reading it would copy it (``F.linear`` flattens its
+    input); q, k and v read the same gathered input, so they would keep three
+    copies for their backward instead of sharing one.
+    """
     n = dist.get_world_size(group)
     if n == 1:
         return x
@@ -76,7 +83,7 @@ def all_gather_along(
     out = moved.new_empty((n * moved.shape[0], *moved.shape[1:]))
     record(meter, "all_gather", phase, nbytes(out), group)
     dist.all_gather_single(out, moved, group=group)
-    return out.movedim(0, dim)
+    return out.movedim(0, dim).contiguous()
 
 
 def reduce_scatter_along(
@@ -104,6 +111,7 @@ def reduce_scatter_along(
     return out.movedim(0, dim)
 
 
+# [f-g-start]
 class CopyToTP(torch.autograd.Function):
     """Megatron-LM's ``f`` (Shoeybi et al. 2019, sec. 3, eq. 3): identity forward,
     all-reduce backward.
@@ -142,6 +150,10 @@ class ReduceFromTP(torch.autograd.Function):
         return grad, None, None
 
 
+# [f-g-end]
+
+
+# [sp-ops-start]
 class GatherFromSequence(torch.autograd.Function):
     """Sequence parallelism's ``g-bar`` (Korthikanti et al. 2022, sec. 4.2.2):
     all-gather along the sequence forward, reduce-scatter backward.
@@ -187,3 +199,6 @@ class ScatterToSequence(torch.autograd.Function):
             grad, ctx.seq_dim, ctx.group, meter=ctx.meter, phase="bwd"
         )
         return out, None, None, None
+
+
+# [sp-ops-end]

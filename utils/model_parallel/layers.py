@@ -119,12 +119,15 @@ class ColumnParallelLinear(_Sharded):
         """Shard a full ``nn.Linear`` (the same on every rank) by output rows."""
         return cls(linear.weight, linear.bias, group, **kwargs)
 
+    # [column-forward-start]
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.copy_input and self.sequence_parallel:
             x = GatherFromSequence.apply(x, self.group, self.seq_dim, self.meter)
         elif self.copy_input:
             x = CopyToTP.apply(x, self.group, self.meter)
         return F.linear(x, self.weight, self.bias)
+
+    # [column-forward-end]
 
     def extra_repr(self) -> str:
         return (
@@ -172,6 +175,7 @@ class RowParallelLinear(_Sharded):
         """Shard a full ``nn.Linear`` (the same on every rank) by input columns."""
         return cls(linear.weight, linear.bias, group, **kwargs)
 
+    # [row-forward-start]
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = F.linear(x, self.weight)
         if self.sequence_parallel:
@@ -179,6 +183,8 @@ class RowParallelLinear(_Sharded):
         else:
             out = ReduceFromTP.apply(partial, self.group, self.meter)
         return out if self.bias is None else out + self.bias
+
+    # [row-forward-end]
 
     def extra_repr(self) -> str:
         return (
@@ -235,6 +241,7 @@ class VocabParallelEmbedding(_Sharded):
         _plain_embedding(emb)
         return cls(emb.weight, group, **kwargs)
 
+    # [vocab-embedding-start]
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
@@ -244,6 +251,8 @@ class VocabParallelEmbedding(_Sharded):
                 partial, self.group, self.seq_dim, self.meter
             )
         return ReduceFromTP.apply(partial, self.group, self.meter)
+
+    # [vocab-embedding-end]
 
     def extra_repr(self) -> str:
         return (
@@ -281,6 +290,7 @@ class SequenceParallelEmbedding(nn.Embedding):
         return super().forward(ids.chunk(n, -1)[rank])
 
 
+# [vocab-ce-start]
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Cross-entropy from vocabulary slices of the logits; per-token losses."""
 
@@ -314,6 +324,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         hit = (~outside).to(grad.dtype)[..., None]
         grad.scatter_add_(-1, local_t[..., None], -hit)
         return grad * grad_loss[..., None], None, None, None
+
+
+# [vocab-ce-end]
 
 
 def vocab_parallel_cross_entropy(
