@@ -65,6 +65,7 @@ from utils.offload.optim import OffloadOptimizer
 from utils.offload.params import ParamOffload, host_step
 from utils.offload.transfer import PCIE, CrossDeviceCopies, Transfers, pcie_seconds
 from utils.report import RankReport, field_of, format_bytes, lab_data
+from utils.wire import WireCounter
 from utils.zero.fsdp import FullyShardedModule, default_units
 from utils.zero.optim import ShardedGradOptimizer
 from utils.zero.torch_impl import full_state
@@ -327,6 +328,8 @@ class OffloadData:
     """The torch.OutOfMemoryError message if this rank ran out of device memory."""
     comm_bytes_per_step: list = field(default_factory=list)
     """Bytes sent per step by the collectives (modelled, ``utils.comm``)."""
+    wire_bytes_per_step: list = field(default_factory=list)
+    """Bytes this rank's TCP sockets sent per step, counted (``utils.wire``)."""
     params: dict | None = None
     """The final full parameters (name -> flat list) when ``return_params``."""
 
@@ -377,7 +380,7 @@ def worker(cfg: Config) -> RankReport:
     for block in blocks:
         block.register_forward_hook(after_block)
     blocks[0].register_forward_pre_hook(lambda m, args: after_block(m, args, None))
-    losses, moved, copies, times, sent = [], [], [], [], []
+    losses, moved, copies, times, sent, wired = [], [], [], [], [], []
     oom = None
     counting = torch_copies if torch_copies is not None else nullcontext()
     try:
@@ -396,6 +399,7 @@ def worker(cfg: Config) -> RankReport:
                 if torch_copies is not None:
                     torch_copies.reset()
                 clock.new_step(step)
+                wire = WireCounter().start()
                 split("start")
                 with clock("forward"):
                     logits = model(x)
@@ -407,6 +411,7 @@ def worker(cfg: Config) -> RankReport:
                 with clock("step"):
                     opt.step()
                 split("step")
+                wired.append(wire.stop())
                 clock.step = None
                 counted = torch_copies.reset() if torch_copies else transfers.totals()
                 moved.append(counted["bytes"])
@@ -433,6 +438,7 @@ def worker(cfg: Config) -> RankReport:
         memory=mem.timeline() if mem is not None else [],
         comm_bytes=sent[-1] if sent else 0,
         comm_source=meter.kind,
+        wire_bytes=wired[-1] if wired else None,
         timings={k: statistics.median(t[k] for t in later) for k in later[0]}
         if later
         else {},
@@ -464,6 +470,7 @@ def worker(cfg: Config) -> RankReport:
             device_budget=cfg.device_budget,
             out_of_memory=oom,
             comm_bytes_per_step=sent,
+            wire_bytes_per_step=wired,
             params=params,
         ),
     )
