@@ -8,9 +8,10 @@ Their Effectiveness", IEEE Trans. Computers, 1972):
   torch op, in float64, float32 and bfloat16; measured throughput beside the
   modelled peak of this CPU's vector units (``utils.simd_mimd.machine``).
 * ``scaling``: one job (the sum of sin x) with 1, 2, ... intra-op threads in rank 0
-  (``torch.set_num_threads``), then split over 1, 2, ... world_size processes that
-  each do their share and add up their partial sums with an all-reduce; and each
-  process doing the whole job (weak scaling). Amdahl's and Gustafson's serial
+  (``torch.set_num_threads``), then split over 1, 2, ... world_size processes
+  (``worker_counts``: every count up to 8, then powers of two) that each do their
+  share and add up their partial sums with an all-reduce; and each process doing
+  the whole job (weak scaling). Amdahl's and Gustafson's serial
   fractions are fitted to the medians (``utils.simd_mimd.amdahl``).
 * ``spmd``: which code each rank executes, recorded (``utils.simd_mimd.trace``) in
   one data-parallel step and in one step of a pipeline with one stage per rank.
@@ -48,6 +49,22 @@ from utils.report import RankReport, lab_data
 from utils.simd_mimd import kernels, machine, steps, trace
 
 PARTS = ("simd", "scaling", "spmd", "divergence")
+TIMEOUT_S = 120.0
+"""The launch's collective timeout: the longest a rank may wait in one barrier."""
+SCALAR_ELEMENT_S = 25e-6
+"""A generous cost of one element of the one-element torch loops (axpy and sum
+together; about 17 us measured on a loaded 2-core EPYC): the SIMD part's budget."""
+
+
+def worker_counts(n: int) -> tuple[int, ...]:
+    """The worker counts the scaling part measures on n ranks: every one up to 8,
+    then the powers of two, then n. Each count needs its own gloo group, whose k
+    ranks open k - 1 connections each: every count up to 64 would hold rank 0 to
+    about 2,000 sockets (past a laptop's open-file limit) and take minutes to set
+    up."""
+    counts = set(range(1, min(n, 8) + 1)) | {n}
+    counts |= {2**i for i in range(n.bit_length()) if 2**i <= n}
+    return tuple(sorted(counts))
 
 
 @dataclass(frozen=True)
@@ -57,11 +74,12 @@ class Config(LabConfig):
     CHOICES = {**LabConfig.CHOICES, "part": ("all", *PARTS)}
 
     world_size: int = 2
-    """Ranks: the scaling part splits its job over 1..world_size of them."""
+    """Ranks: the scaling part splits its job over 1..world_size of them
+    (``worker_counts``)."""
     part: str = "all"
     """"simd", "scaling", "spmd", "divergence" (needs a GPU) or "all"."""
     steps: int = 1
-    """SPMD part: steps traced (every step's path is recorded)."""
+    """SPMD part: steps traced (every step's path is recorded and printed)."""
     dtypes: tuple[str, ...] = ("float64", "float32", "bfloat16")
     """SIMD part: the dtypes measured."""
     loop_numel: int = 2048
@@ -76,7 +94,8 @@ class Config(LabConfig):
     """Scaling part: elements of the job (sum of sin x), split over the workers
     (a few ms on one core: long next to an all-reduce of one number)."""
     threads: tuple[int, ...] = (1, 2)
-    """Scaling part: intra-op thread counts rank 0 runs the job with."""
+    """Scaling part: intra-op thread counts rank 0 runs the job with (1 among them:
+    the speedups are against it)."""
     width: int = 16
     """SPMD part: width of the MLP (one linear layer per pipeline stage)."""
     batch_size: int = 8
@@ -86,12 +105,16 @@ class Config(LabConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        # every traced op of every step is kept in the report and printed
+        check_int("steps", self.steps, maximum=100)
         if not self.dtypes:
             raise ValueError(f"dtypes needs at least one of {tuple(kernels.DTYPES)}")
         for name in self.dtypes:
             check_choice("each of dtypes", name, tuple(kernels.DTYPES))
-        # 2**16 one-element torch ops take about a second: more would outlast the
-        # barrier the other ranks wait at (the launch timeout)
+        if len(set(self.dtypes)) != len(self.dtypes):
+            raise ValueError(f"dtypes lists a dtype twice: {','.join(self.dtypes)}")
+        # 2**16 one-element torch ops take about a second: the loops' total is
+        # budgeted below against the barrier the other ranks wait at
         check_int("loop_numel", self.loop_numel, maximum=1 << 16)
         check_int("vector_numel", self.vector_numel, maximum=1 << 26)
         check_int("repeats", self.repeats, maximum=1000)
@@ -105,9 +128,27 @@ class Config(LabConfig):
             raise ValueError("threads needs at least one thread count, such as 1,2")
         for k in self.threads:
             check_int("each of threads", k, maximum=1024)
+        if len(set(self.threads)) != len(self.threads):
+            raise ValueError(
+                f"threads lists a count twice: {','.join(map(str, self.threads))}"
+            )
+        if 1 not in self.threads:
+            raise ValueError(
+                "threads must include 1, the time every speedup is measured "
+                f"against: got {','.join(map(str, self.threads))}"
+            )
         check_int("width", self.width, maximum=4096)
         check_int("batch_size", self.batch_size, maximum=1 << 16)
         check_bool("record_gpu", self.record_gpu)
+        if "simd" in self.parts and self.simd_budget_s() > TIMEOUT_S / 2:
+            raise ValueError(
+                f"the SIMD part's one-element torch loops would take about "
+                f"{self.simd_budget_s():.0f} s (loop_numel={self.loop_numel} x "
+                f"(repeats={self.repeats} + 1) x {len(self.dtypes)} dtypes x "
+                f"{SCALAR_ELEMENT_S * 1e6:g} us), while the other ranks wait at a "
+                f"barrier that times out after {TIMEOUT_S:g} s: keep it under "
+                f"{TIMEOUT_S / 2:g} s with a smaller loop_numel or fewer repeats"
+            )
         if "spmd" in self.parts and self.world_size < 2:
             raise ValueError(
                 f"part {self.part!r} includes 'spmd', which compares ranks: "
@@ -135,13 +176,24 @@ class Config(LabConfig):
     def parts(self) -> tuple[str, ...]:
         return PARTS if self.part == "all" else (self.part,)
 
+    def simd_budget_s(self) -> float:
+        """Seconds the SIMD part's one-element torch loops may take, budgeted
+        generously (:data:`SCALAR_ELEMENT_S` per element, every dtype and repeat)."""
+        runs = (self.repeats + 1) * len(self.dtypes)
+        return runs * self.loop_numel * SCALAR_ELEMENT_S
+
     def estimate_bytes(self) -> int:
         """Per rank: three vectors of the largest dtype, the Python lists (about
-        32 bytes a float with its list slot), the job and its sin."""
+        32 bytes a float with its list slot), the job and its sin; for the SPMD
+        part, the MLP of world_size layers of width x width floats, about four
+        times over (the replica, its gradients, the pipeline's MLP and its
+        gradients)."""
+        mlp = self.world_size * (self.width + 1) * self.width * 4
         return (
             3 * 8 * self.vector_numel
             + 3 * 32 * self.loop_numel
             + (3 * 4 * self.scaling_numel)
+            + (4 * mlp if "spmd" in self.parts else 0)
         )
 
 
@@ -215,7 +267,7 @@ def scaling(cfg: Config, rank: int, n: int, everyone) -> dict:
     n processes sharing the job (strong) or each doing all of it (weak)."""
     x = torch.rand(cfg.scaling_numel, generator=torch.Generator().manual_seed(cfg.seed))
     groups = {
-        k: dist.new_group(list(range(k)), backend="gloo") for k in range(1, n + 1)
+        k: dist.new_group(list(range(k)), backend="gloo") for k in worker_counts(n)
     }
     shares = {k: x.tensor_split(k)[rank] for k in groups if rank < k}
     threads = {k: [] for k in cfg.threads}
@@ -356,7 +408,7 @@ def worker(cfg: Config) -> RankReport:
 
 def run(cfg: Config) -> list[RankReport]:
     """Start ``cfg.world_size`` ranks (or join torchrun's) and run the lab."""
-    return lab.run(worker, cfg, timeout=120.0)
+    return lab.run(worker, cfg, timeout=TIMEOUT_S)
 
 
 def describe(reports: list[RankReport]) -> str:

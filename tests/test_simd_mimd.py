@@ -188,6 +188,53 @@ def test_this_machine_is_read():
     cpu = machine.cpu_info()
     assert cpu.capability == torch.backends.cpu.get_cpu_capability()
     assert cpu.cores >= 1 and cpu.as_dict()["vector_bits"] == cpu.vector_bits
+    assert cpu.physical_cores is None or 1 <= cpu.physical_cores <= cpu.cores
+
+
+@pytest.mark.parametrize(
+    "capability, hardware, bits",
+    [
+        ("DEFAULT", 512, 128),  # x86-64 baseline (SSE2), whatever the CPU has
+        ("NO AVX", 256, 128),
+        ("DEFAULT", 128, 128),  # aarch64: NEON
+        ("DEFAULT", None, None),  # nothing known: not guessed
+        ("AVX2", 512, 256),  # torch's kernels, not the CPU's flags
+        ("SOMETHING NEW", 256, 256),  # a capability we do not know: the hardware's
+    ],
+)
+def test_vector_width_follows_torchs_dispatch(capability, hardware, bits):
+    assert _cpu(capability, bits=hardware).vector_bits == bits
+
+
+def test_physical_cores_count_smt_siblings_once():
+    topology = {0: ("0", "0"), 1: ("0", "0"), 2: ("0", "1"), 3: ("0", "1")}
+
+    def read(path):
+        cpu = int(path.split("/cpu")[-1].split("/")[0])
+        package, core = topology[cpu]
+        return package if path.endswith("physical_package_id") else core
+
+    assert machine.physical_cores([0, 1, 2, 3], read) == 2
+    assert machine.physical_cores([0, 2], read) == 2
+    assert machine.physical_cores([0, 1], read) == 1
+    assert machine.physical_cores([0], lambda path: None) is None
+    smt = machine.CpuInfo("t", 4, "AVX512", 512, "t", 1000.0, "t", physical_cores=2)
+    assert smt.peak_flops(torch.float32) == 2 * 16 * 2 * 1000e6  # two cores, not 4
+    assert _cpu(cores=4).peak_flops(torch.float32) == 4 * 16 * 2 * 2000e6
+
+
+def test_the_sums_peak_is_one_add_per_lane():
+    cpu = _cpu()
+    fma = cpu.peak_flops(torch.float32, cores=1)
+    assert figures.op_peak_flops(cpu, "axpy", "float32") == fma
+    assert figures.op_peak_flops(cpu, "sum", "float32") == fma / 2
+    # both ops: one vector instruction per lane per cycle, the same elements/s
+    per_element = {
+        op: figures.op_peak_flops(cpu, op, "float64") / kernels.FLOPS_PER_ELEMENT[op]
+        for op in kernels.OPS
+    }
+    assert per_element["axpy"] == per_element["sum"] == 8 * 2000e6
+    assert figures.op_peak_flops(_cpu(mhz=None), "sum", "float32") is None
 
 
 # -------------------------------------------------------------------- kernels
@@ -346,8 +393,11 @@ def test_rank0_reads_the_machine_and_measures_every_dtype(reports):
     assert len(r0.load_average) == 2
     rows = figures.simd_table(reports)
     cpu = figures.cpu_of(reports)
+    assert cpu.physical_cores == r0.machine["physical_cores"]
     for row in rows:
         peak = cpu.peak_flops(kernels.DTYPES[row["dtype"]], cores=1)
+        if peak:
+            peak *= kernels.FLOPS_PER_ELEMENT[row["op"]] / 2
         assert row["peak_flops"] == peak
         if peak:
             assert row["peak_fraction"] == pytest.approx(row["flops_per_s"] / peak)
@@ -387,8 +437,10 @@ def test_speedups_are_the_ratios_of_medians_of_the_slowest_worker(reports):
     )
     thr = {r["threads"]: r["median_s"] for r in reports[0].extra.scaling["threads"]}
     assert fit["threads"]["speedup"] == {k: thr[1] / t for k, t in thr.items()}
-    scaled = fit["weak"]["scaled_speedup"]
-    assert scaled[1] == pytest.approx(per_k[1] / fit["weak"]["times"][1])
+    scaled, weak = fit["weak"]["scaled_speedup"], fit["weak"]["times"]
+    assert scaled[1] == 1.0  # the weak series is its own baseline
+    assert scaled[n] == pytest.approx(n * weak[1] / weak[n])
+    assert fit["processes"]["compute"][n] <= fit["processes"]["times"][n] * (1 + 1e-9)
 
 
 def test_data_parallel_is_spmd_and_the_pipeline_mpmd(reports, three):
@@ -460,11 +512,46 @@ def test_divergence_figure_draws_a_recorded_run():
 
 @pytest.mark.parametrize(
     "s, words",
-    [(0.2, "more than 5 times"), (1.4, "slower"), (-0.1, "better than linear"),
-     (None, "nothing to fit")],
+    [(0.2, "at most 5 times"), (1.4, "slower"), (-0.1, "better than linear"),
+     (None, "nothing to fit"), (0.0, "no bound"), (1.0, "slower")],
 )  # fmt: skip
 def test_the_verdict_reads_whatever_the_fit_gave(s, words):
-    assert words in figures.scaling_verdict(s, 2, 0.5)
+    for subject in ("processes", "threads"):
+        text = figures.scaling_verdict(s, subject)
+        assert words in text and (s is None or subject in text)
+    assert "all-reduce" in figures.scaling_verdict(0.2, "processes")
+    assert "waking the threads" in figures.scaling_verdict(0.2, "threads")
+
+
+@pytest.mark.parametrize(
+    "s, words",
+    [(0.1, "1 - s' = 0.9"), (-0.2, "better than linear"), (1.2, "gained nothing"),
+     (None, "nothing to fit")],
+)  # fmt: skip
+def test_the_gustafson_verdict_reads_whatever_the_fit_gave(s, words):
+    assert words in figures.gustafson_verdict(s)
+
+
+def test_verdicts_of_the_same_kind_are_said_once():
+    both = figures.scaling_verdicts({"processes": 1.7, "threads": 3.5})
+    assert both.startswith("For the processes and the threads, a fraction of 1")
+    assert both.count("For the") == 1
+    mixed = figures.scaling_verdicts({"processes": 0.2, "threads": 1.5})
+    assert "processes, if this fraction held" in mixed and "at most 5 times" in mixed
+    assert "For the threads, a fraction of 1 or more" in mixed
+    two = figures.scaling_verdicts({"processes": 0.2, "threads": 0.5})
+    assert "at most 5 times" in two and "at most 2 times" in two  # own bounds
+    none = figures.scaling_verdicts({"processes": None, "threads": None})
+    assert none == (
+        "For the processes and the threads, with one count only, there is nothing "
+        "to fit."
+    )
+
+
+def test_speedups_read_as_faster_or_slower():
+    assert figures.as_fast(1.8) == "1.80 times as fast"
+    assert figures.as_fast(0.5) == "slower: 2.00 times as long"
+    assert "load average read up to 3.50 on 2" in figures.load_sentence(2, 3.5)
 
 
 # --------------------------------------------------------------- validation
@@ -485,6 +572,12 @@ def test_the_verdict_reads_whatever_the_fit_gave(s, words):
         ({"scaling_numel": 1, "part": "scaling"}, "scaling_numel=1 must be at least"),
         ({"record_gpu": "yes"}, "record_gpu must be True or False"),
         ({"record_gpu": True, "part": "simd"}, "record_gpu needs part"),
+        ({"dtypes": ("float32", "float32")}, "dtypes lists a dtype twice"),
+        ({"steps": 1000}, "steps must be an integer <= 100"),
+        ({"threads": (1, 2, 2)}, "threads lists a count twice"),
+        ({"threads": (2, 4)}, "threads must include 1"),
+        # 2**16 elements x 31 runs x 3 dtypes: minutes, past the barrier's timeout
+        ({"loop_numel": 1 << 16, "repeats": 30}, "would take about"),
     ],
 )
 def test_bad_config_is_refused_before_any_process(change, words):
@@ -494,6 +587,31 @@ def test_bad_config_is_refused_before_any_process(change, words):
 
 def test_one_rank_is_fine_without_the_spmd_part():
     assert replace(lab.TINY, world_size=1, part="simd").parts == ("simd",)
+
+
+def test_the_simd_budget_binds_only_the_simd_part():
+    long = {"loop_numel": 1 << 16, "repeats": 30}
+    assert replace(lab.TINY, part="scaling", **long).simd_budget_s() > 60
+    assert lab.Config().simd_budget_s() < 5  # the chapter's run: well inside
+    cfg = replace(lab.TINY, part="simd", loop_numel=1 << 16, repeats=3)
+    assert cfg.simd_budget_s() < lab.TIMEOUT_S / 2  # the largest loops still run
+
+
+def test_the_memory_estimate_counts_the_spmd_models():
+    spmd = replace(lab.TINY, part="spmd", world_size=4, width=4096)
+    mlp = 4 * (4096 + 1) * 4096 * 4  # 4 layers of weights and biases, float32
+    scaling = replace(spmd, part="scaling")
+    assert spmd.estimate_bytes() - scaling.estimate_bytes() == 4 * mlp
+
+
+def test_worker_counts_are_every_count_then_powers_of_two():
+    assert lab.worker_counts(1) == (1,)
+    assert lab.worker_counts(4) == (1, 2, 3, 4)
+    assert lab.worker_counts(8) == tuple(range(1, 9))
+    assert lab.worker_counts(12) == (*range(1, 9), 12)
+    assert lab.worker_counts(64) == (*range(1, 9), 16, 32, 64)
+    # rank 0 joins every group: its connections stay far under a laptop's 1024
+    assert sum(k - 1 for k in lab.worker_counts(64)) < 200
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="there is a GPU here")
@@ -515,6 +633,15 @@ def test_cli_error_comes_before_any_process(monkeypatch):
     with pytest.raises(SystemExit) as err:
         lab.main(["--threads", "1,0"])
     assert "each of threads" in str(err.value)
+    for argv, words in (
+        (["--part", "simd", "--loop-numel", "65536", "--repeats", "40"], "barrier"),
+        (["--threads", "2,4"], "threads must include 1"),
+        (["--world-size", "1"], "world_size must be >= 2"),
+        (["--repeats", "-3"], "repeats must be"),
+    ):
+        with pytest.raises(SystemExit) as err:
+            lab.main(argv)
+        assert words in str(err.value), argv
 
 
 # ---------------------------------------------------------------- exercises
@@ -552,6 +679,19 @@ def test_classification_check_refuses_plausible_mistakes(change, words):
         exercises.check_classification({**RIGHT, **change})
 
 
+LABELS = ("SISD", "SIMD", "MISD", "MIMD/SPMD", "MIMD/MPMD")
+
+
+@pytest.mark.parametrize("name", sorted(RIGHT))
+def test_classification_check_refuses_every_other_class(name):
+    right = exercises.normalise(RIGHT[name])
+    for label in LABELS:
+        if label == right:
+            continue
+        with pytest.raises(AssertionError, match=f"{name}: you said {label}"):
+            exercises.check_classification({**RIGHT, name: label})
+
+
 def test_classification_check_wants_every_program():
     partial = dict(RIGHT)
     del partial["voting"]
@@ -582,6 +722,14 @@ def test_speedup_bound_check_refuses_plausible_mistakes(wrong):
         exercises.check_speedup_bound(wrong)
 
 
+def test_speedup_bound_check_explains_a_division_by_zero():
+    def naive(s, n):  # right for s > 0, but 1 / 0 when nothing is serial
+        return 1 / s if math.isinf(n) else 1 / (s + (1 - s) / n)
+
+    with pytest.raises(AssertionError, match="ZeroDivisionError.*math.inf"):
+        exercises.check_speedup_bound(naive)
+
+
 @pytest.mark.parametrize(
     "answer",
     [
@@ -608,6 +756,8 @@ def _in_place(x, slope, scale):
     [
         (lambda x, slope, scale: scale * torch.relu(x), "differs from the loop"),
         (lambda x, slope, scale: torch.where(x > 0, x, slope * x), "differs"),
+        # scaling before the branch: wrong when scale < 0 (the mask flips)
+        (lambda x, slope, scale: F.leaky_relu(scale * x, slope), "scale=-3.0"),
         (
             lambda x, slope, scale: torch.where(
                 x > 0, scale * x, slope * scale * x

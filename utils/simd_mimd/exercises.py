@@ -29,8 +29,8 @@ PROGRAMS: dict[str, str] = {
     "one core)",
     "vector_add": "torch.add(x, y) on two float32 tensors of a million elements, "
     "on one core where torch.backends.cpu.get_cpu_capability() is 'AVX512'",
-    "gpu_kernel": "a CUDA kernel adding two vectors, one thread per element, on one "
-    "GPU",
+    "gpu_kernel": "one warp (32 threads) of a CUDA kernel adding two vectors, one "
+    "thread per element (the whole GPU runs many warps, each at its own pace)",
     "ddp": "torchrun --nproc-per-node 4 -m labs.data_parallel   (every rank: the "
     "same step on its slice of the batch)",
     "zero3": "python -m labs.zero --world-size 8 --stage 3   (each rank owns one "
@@ -117,7 +117,17 @@ def check_speedup_bound(fn) -> None:
     grid, ``workers=math.inf`` giving the bound ``1/s`` (infinite for s = 0)."""
     for s, n in _CASES:
         want = amdahl_speedup(s, n)
-        got = fn(s, n)
+        try:
+            got = fn(s, n)
+        except (ArithmeticError, ValueError, TypeError) as err:
+            raise AssertionError(
+                f"fn({s}, {n}) raised {type(err).__name__}: {err}; expected {want!r}"
+                + (
+                    " (with s = 0 nothing is serial: the bound is math.inf)"
+                    if s == 0 and math.isinf(n)
+                    else ""
+                )
+            ) from None
         if not isinstance(got, (int, float)) or isinstance(got, bool):
             raise AssertionError(f"fn({s}, {n}) returned {got!r}: a number, please")
         same = (

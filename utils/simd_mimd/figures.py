@@ -51,13 +51,22 @@ def cpu_of(reports: Sequence[Any]) -> CpuInfo:
 
 
 # ------------------------------------------------------------------ SIMD rows
+def op_peak_flops(cpu: CpuInfo, op: str, dtype: str) -> float | None:
+    """The modelled 1-core peak FLOP/s of ``op`` in ``dtype``: one vector
+    instruction per lane per cycle, an FMA (2 operations) for axpy, an add (1)
+    for sum; so the sum's peak is half the FMA peak ``CpuInfo.peak_flops``."""
+    peak = cpu.peak_flops(kernels.DTYPES[dtype], cores=1)
+    return None if peak is None else peak * kernels.FLOPS_PER_ELEMENT[op] / 2
+
+
 def simd_table(reports: Sequence[Any]) -> list[dict[str, Any]]:
-    """Rank 0's SIMD rows, each with the modelled 1-core peak of its dtype
-    (``peak_flops``, None if unknown) and the measured fraction of it."""
+    """Rank 0's SIMD rows, each with the modelled 1-core peak of its op and dtype
+    (``peak_flops``, :func:`op_peak_flops`, None if unknown) and the measured
+    fraction of it."""
     cpu = cpu_of(reports)
     rows = []
     for row in _rank0(reports)["simd"]:
-        peak = cpu.peak_flops(kernels.DTYPES[row["dtype"]], cores=1)
+        peak = op_peak_flops(cpu, row["op"], row["dtype"])
         fraction = None if peak is None else row["flops_per_s"] / peak
         rows.append(
             {
@@ -83,7 +92,8 @@ def simd_markdown(rows: Sequence[Mapping]) -> str:
     """The SIMD measurements as a Markdown table."""
     lines = [
         "| op | implementation | dtype | elements | median time (measured) | "
-        "elements/s (measured) | FLOP/s (measured) | of the modelled 1-core peak |",
+        "elements/s (measured) | FLOP/s (measured) | of the op's modelled 1-core "
+        "peak |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -129,7 +139,9 @@ def draw_throughput(rows: Sequence[Mapping]):
                     color=IMPL_COLORS[impl],
                     label=IMPL_LABELS[impl] if g == 0 or impl != "python" else None,
                 )
-            peak = [r["peak_flops"] for r in rows if r["dtype"] == dtype][0]
+            peak = [
+                r["peak_flops"] for r in rows if (r["op"], r["dtype"]) == (op, dtype)
+            ][0]
             if peak:
                 ax.hlines(
                     peak / kernels.FLOPS_PER_ELEMENT[op],
@@ -177,10 +189,13 @@ def scaling_fit(reports: Sequence[Any]) -> dict[str, Any]:
     """Speedups and fitted serial fractions from the scaling part.
 
     ``threads``: rank 0's medians per thread count; ``processes``: medians over
-    repeats of the slowest worker, per worker count (strong scaling), with the
-    compute and combine (all-reduce) parts; ``weak``: every worker doing the whole
-    job, and Gustafson's scaled speedup ``k T(1) / T_weak(k)``. Serial fractions
-    are least-squares fits (``utils.simd_mimd.amdahl``), None with one point only.
+    repeats of the slowest worker, per worker count (strong scaling), with
+    ``compute`` (the slowest worker's share of the sum) and ``combine`` (the longest
+    any worker spent in the all-reduce, its wait for the others included): each a
+    median over the rounds of that round's maximum, so they need not add up to the
+    total; ``weak``: every worker doing the whole job, and Gustafson's scaled
+    speedup ``k T_weak(1) / T_weak(k)``. Serial fractions are least-squares fits
+    (``utils.simd_mimd.amdahl``), None without a one-worker time and another.
     """
     data = _rank0(reports)["scaling"]
     threads = {row["threads"]: row["median_s"] for row in data["threads"]}
@@ -198,7 +213,9 @@ def scaling_fit(reports: Sequence[Any]) -> dict[str, Any]:
     out["processes"]["compute"] = _process_times(reports, "processes", "compute_s")
     out["processes"]["combine"] = _process_times(reports, "processes", "combine_s")
     weak = _process_times(reports, "weak")
-    scaled = amdahl.scaled_speedups(procs[1], weak)
+    # The weak series' own one-worker run is the baseline: the same job as the
+    # strong series' one worker, timed in the same rounds, so S(1) = 1 exactly
+    scaled = amdahl.scaled_speedups(weak[1], weak)
     out["weak"] = {"times": weak, "scaled_speedup": scaled}
     out["gustafson"] = amdahl.fit_gustafson(scaled) if len(scaled) > 1 else None
     return out
@@ -280,7 +297,9 @@ def amdahl_widget(fit: Mapping[str, Any]):
     from utils.widgets import interactive_figure
 
     measured = fit["processes"]["serial_fraction"]
-    options = [(f"measured here: {measured:.3g}", measured)] if measured else []
+    options = (
+        [(f"measured here: {measured:.3g}", measured)] if measured is not None else []
+    )
     options += [(f"{v:g}", v) for v in (0.001, 0.01, 0.05, 0.1, 0.25)]
     return interactive_figure(
         lambda serial_fraction: draw_speedup(fit, 1024, serial_fraction),
@@ -480,35 +499,97 @@ def draw_divergence(runs: Sequence[Mapping]):
     return fig
 
 
-def scaling_verdict(serial_fraction: float | None, cores: int, load: float) -> str:
-    """One sentence reading a fitted serial fraction, whatever it came out as
-    (the chapter's prose about its own measurement is generated by this)."""
+_SERIAL_PARTS = {
+    "processes": "the all-reduce, starting together, waiting for the slowest",
+    "threads": "waking the threads, splitting the work, waiting for the slowest",
+}
+
+
+def scaling_verdict(serial_fraction: float | None, subject: str = "processes") -> str:
+    """One sentence reading an Amdahl serial fraction fitted for ``subject``
+    ("processes" or "threads"), whatever it came out as: the chapter's prose about
+    its own measurement is generated by this."""
     if serial_fraction is None:
-        return "With a single worker count there is nothing to fit."
+        return f"For the {subject}, with one count only, there is nothing to fit."
     s = serial_fraction
-    busy = (
-        f"The machine's 1-minute load average read up to {load:.2f} on {cores} "
-        "cores during the lab (os.getloadavg at its start and end)"
-    )
     if s < 0:
         return (
-            f"A fraction below 0 means the workers did better than linear: each "
+            f"For the {subject}, a fraction below 0 means better than linear: each "
             f"share fits the caches better, or the one-worker run was slowed by "
-            f"something else. {busy}."
+            f"something else."
         )
     if s >= 1:
         return (
-            f"A fraction of 1 or more means adding workers made the job slower: the "
-            f"workers waited for cores rather than for each other. {busy}: other "
-            f"programs took turns on the same cores, which Amdahl's model of one "
-            f"job alone on its processors does not describe. Run the lab on an idle "
-            f"machine to see the law."
+            f"For the {subject}, a fraction of 1 or more means adding workers made "
+            f"the job slower: the time went to contention (for cores, for memory "
+            f"bandwidth) or to costs that grow with the workers, which Amdahl's "
+            f"model of one job alone on its processors does not describe; an idle "
+            f"machine shows the law."
+        )
+    bound = "no bound" if s == 0 else f"at most {1 / s:.3g} times as fast"
+    return (
+        f"For the {subject}, if this fraction held for any number of workers, the "
+        f"job could get {bound}: the fraction counts everything that did not "
+        f"shrink with more workers ({_SERIAL_PARTS.get(subject, 'the serial part')})."
+    )
+
+
+def scaling_verdicts(fractions: Mapping[str, float | None]) -> str:
+    """:func:`scaling_verdict` for each subject ("processes", "threads"), with
+    subjects whose fractions read the same way (none, below 0, 1 or more) said
+    once: "For the processes and the threads, ..."."""
+
+    def kind(s):
+        return "none" if s is None else "below" if s < 0 else "above" if s >= 1 else s
+
+    groups: dict[Any, list[str]] = {}
+    for subject, s in fractions.items():
+        groups.setdefault(kind(s), []).append(subject)
+    sentences = []
+    for subjects in groups.values():
+        text = scaling_verdict(fractions[subjects[0]], subjects[0])
+        if len(subjects) > 1:
+            both = " and the ".join(subjects)
+            text = text.replace(f"the {subjects[0]}", f"the {both}", 1)
+        sentences.append(text)
+    return " ".join(sentences)
+
+
+def gustafson_verdict(serial_fraction: float | None) -> str:
+    """One sentence reading Gustafson's fitted ``s'``, whatever it came out as."""
+    if serial_fraction is None:
+        return "With one worker count only, there is nothing to fit."
+    s = serial_fraction
+    if s < 0:
+        return (
+            "A fraction below 0 means better than linear: n workers did n jobs in "
+            "less time than one worker did one (caches, or a slowed one-worker run)."
+        )
+    if s >= 1:
+        return (
+            "A fraction of 1 or more means the grown job gained nothing from the "
+            "added workers (below a scaled speedup of 1, it lost): they waited for "
+            "cores or for each other."
         )
     return (
-        f"No number of workers can make this job more than {1 / s:.3g} times "
-        f"faster. {busy}; the fraction counts everything that did not shrink with "
-        f"more workers: the all-reduce, starting together, waiting for the slowest."
+        f"The line's slope, 1 - s' = {1 - s:.3g}, is the share of each added "
+        "worker's time that went into the work."
     )
+
+
+def load_sentence(cores: int, load: float) -> str:
+    """How busy the machine was while the lab ran."""
+    return (
+        f"The machine's 1-minute load average read up to {load:.2f} on {cores} "
+        "logical CPUs during the lab (os.getloadavg at its start and end)."
+    )
+
+
+def as_fast(speedup: float) -> str:
+    """ "1.80 times as fast", or "slower: 1.30 times as long" below 1."""
+    if speedup >= 1:
+        return f"{speedup:.2f} times as fast"
+    return f"slower: {1 / speedup:.2f} times as long"
 
 
 def _fraction(value: float | None) -> str:
@@ -522,7 +603,8 @@ def summary_text(reports: Sequence[Any]) -> str:
     if r0["machine"]:
         m = r0["machine"]
         lines.append(
-            f"CPU: {m['model']}, {m['cores']} cores, torch capability "
+            f"CPU: {m['model']}, {m['cores']} logical CPUs on "
+            f"{m.get('physical_cores') or 'unknown'} physical cores, torch capability "
             f"{m['capability']}, vectors {m['vector_bits'] or 'unknown'} bits, clock "
             f"{m['clock_mhz'] or 'unknown'} MHz ({m['clock_source']})"
         )

@@ -9,12 +9,16 @@ were dispatched to), and the peak is *modelled* from them::
     peak FLOP/s = cores x lanes x 2 (a fused multiply-add is two operations)
                   x FMA pipes per core x clock
 
+counting physical cores (SMT siblings share one core's vector units). An operation
+that is not a multiply-add, such as a sum's additions, does one operation per lane
+per instruction, so its peak is half this (``figures.simd_table``).
+
 Each input says where it came from, and one that cannot be read is ``None``
 ("unknown"), never guessed. The FMA pipes per core are not in ``/proc/cpuinfo`` on
 any architecture: the model assumes one, and says so. bf16 has no lanes of its own
 here: torch's CPU kernels widen bf16 to fp32, compute, and round back
-(``binary_op_as_fp32`` in ``ATen/cpu/vec/vec512/vec512_bfloat16.h``, shipped with
-torch's headers), so a bf16 operation runs on fp32 lanes.
+(``binary_op_as_fp32`` in ``ATen/cpu/vec/vec512/vec512_bfloat16.h`` and its
+``vec256`` twin, shipped with torch's headers), so a bf16 operation runs on fp32 lanes.
 """
 
 from __future__ import annotations
@@ -29,8 +33,13 @@ import torch
 CAPABILITY_BITS = {"AVX512": 512, "AVX2": 256, "SVE256": 256, "VSX": 128,
                    "Z VECTOR": 128}  # fmt: skip
 """Vector width of the kernels torch dispatches to, per capability string (the
-values ``torch.backends.cpu.get_cpu_capability`` documents). "DEFAULT" and "NO AVX"
-name no width: the build's baseline, which depends on the platform."""
+values ``torch.backends.cpu.get_cpu_capability`` documents)."""
+
+BASELINE_BITS = 128
+""""DEFAULT" (and "NO AVX") is the build's baseline: on aarch64 torch's NEON
+``Vectorized`` of 16 bytes (``VECTOR_WIDTH 16`` in ``ATen/cpu/vec/vec_base.h``), on
+x86-64 generic C++ loops compiled for the x86-64 baseline, whose widest registers
+are SSE2's 128 bits. Either way at most 128 bits, and no wider than the CPU's."""
 
 X86_FLAGS = (("avx512f", 512), ("avx2", 256), ("avx", 256), ("sse2", 128))
 """x86 feature flags in ``/proc/cpuinfo``, widest first: AVX-512 (32 zmm registers of
@@ -49,7 +58,8 @@ class CpuInfo:
     model: str | None
     """The processor's name (``model name`` in /proc/cpuinfo)."""
     cores: int
-    """Cores this process may run on (``os.sched_getaffinity``, else cpu_count)."""
+    """Logical CPUs this process may run on (``os.sched_getaffinity``, else
+    cpu_count): with SMT (hyper-threading), two of them may share one core."""
     capability: str
     """``torch.backends.cpu.get_cpu_capability()``: what torch's kernels use."""
     hardware_bits: int | None
@@ -61,12 +71,28 @@ class CpuInfo:
     clock_source: str
     """Where ``clock_mhz`` comes from (the cpufreq maximum, else /proc/cpuinfo's
     current ``cpu MHz``, which on a virtual machine is the host's nominal clock)."""
+    physical_cores: int | None = None
+    """Distinct physical cores among ``cores`` (their (package, core id) pairs in
+    /sys/devices/system/cpu/cpu*/topology); None where that cannot be read. SMT
+    siblings share one core's vector units, so the peak counts these."""
 
     @property
     def vector_bits(self) -> int | None:
         """The width the peak uses: torch's dispatched kernels' where the capability
-        names one, else the hardware's."""
-        return CAPABILITY_BITS.get(self.capability, self.hardware_bits)
+        names one; the baseline's (:data:`BASELINE_BITS`, capped by the hardware's)
+        for "DEFAULT"; else the hardware's."""
+        if self.capability in CAPABILITY_BITS:
+            return CAPABILITY_BITS[self.capability]
+        if self.capability in ("DEFAULT", "NO AVX"):
+            if self.hardware_bits is None:
+                return None
+            return min(BASELINE_BITS, self.hardware_bits)
+        return self.hardware_bits
+
+    @property
+    def peak_cores(self) -> int:
+        """The cores the all-core peak counts: physical ones where known."""
+        return self.physical_cores or self.cores
 
     def lanes(self, dtype: torch.dtype) -> int | None:
         """Elements one vector register holds while ``dtype`` is computed."""
@@ -77,11 +103,12 @@ class CpuInfo:
     def peak_flops(
         self, dtype: torch.dtype, cores: int | None = None, fma_pipes: int = 1
     ) -> float | None:
-        """Modelled peak: cores x lanes x 2 x fma_pipes x clock (None if unknown)."""
+        """Modelled peak: cores x lanes x 2 x fma_pipes x clock (None if unknown);
+        ``cores`` defaults to :attr:`peak_cores`."""
         lanes = self.lanes(dtype)
         if lanes is None or self.clock_mhz is None:
             return None
-        cores = self.cores if cores is None else cores
+        cores = self.peak_cores if cores is None else cores
         return cores * lanes * 2 * fma_pipes * self.clock_mhz * 1e6
 
     def as_dict(self) -> dict:
@@ -134,6 +161,19 @@ def _read(path: str) -> str | None:
         return None
 
 
+def physical_cores(cpus, read=_read) -> int | None:
+    """Distinct (package, core id) pairs among the logical ``cpus``, from Linux's
+    /sys/devices/system/cpu/cpuN/topology; None if any cannot be read."""
+    pairs = set()
+    for cpu in cpus:
+        base = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        package, core = read(base + "physical_package_id"), read(base + "core_id")
+        if package is None or core is None:
+            return None
+        pairs.add((package.strip(), core.strip()))
+    return len(pairs) or None
+
+
 def cpu_info() -> CpuInfo:
     """Read this machine's CPU (Linux files; elsewhere most fields are unknown)."""
     fields = _cpuinfo(_read("/proc/cpuinfo") or "")
@@ -144,15 +184,16 @@ def cpu_info() -> CpuInfo:
         fields, _read("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
     )
     try:
-        cores = len(os.sched_getaffinity(0))
+        cpus = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+        cpus = list(range(os.cpu_count() or 1))
     return CpuInfo(
         model=fields.get("model name") or platform.processor() or None,
-        cores=cores,
+        cores=len(cpus),
         capability=torch.backends.cpu.get_cpu_capability(),
         hardware_bits=bits,
         hardware_source=bits_source,
         clock_mhz=mhz,
         clock_source=mhz_source,
+        physical_cores=physical_cores(cpus),
     )
