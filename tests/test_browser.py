@@ -254,6 +254,10 @@ frame.addEventListener("load", () => setTimeout(() => {{
     select.selectedIndex = (select.selectedIndex + 1) % select.options.length;
     select.dispatchEvent(new Event("change", {{bubbles: true}}));
   }});
+  doc.querySelectorAll(".widget-toggle-buttons").forEach(group => {{
+    const other = group.querySelector(".widget-toggle-button:not(.mod-active)");
+    if (other) other.click();
+  }});
   setTimeout(() => {{
     const after = shown(doc);
     document.getElementById("result").textContent = JSON.stringify(
