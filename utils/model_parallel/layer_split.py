@@ -43,14 +43,15 @@ from utils.comm import CommMeter, nbytes
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def split_layers(n_layers: int, n_groups: int) -> list[range]:
+def split_layers(n_layers: int, n_groups: int, what: str = "group") -> list[range]:
     """``n_layers`` consecutive layers cut into ``n_groups`` near-equal ranges, the
-    first ones one layer longer when it does not divide (each at least one)."""
+    first ones one layer longer when it does not divide (each at least one).
+    ``what`` names a range in the error ("group"; the pipeline's "stage")."""
     check_int("n_layers", n_layers)
     check_int("n_groups", n_groups)
     if n_layers < n_groups:
         raise ValueError(
-            f"cannot cut {n_layers} layers into {n_groups} groups: every group "
+            f"cannot cut {n_layers} layers into {n_groups} {what}s: every {what} "
             "needs at least one layer"
         )
     base, extra = divmod(n_layers, n_groups)

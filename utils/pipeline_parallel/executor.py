@@ -45,10 +45,9 @@ from utils.pipeline_parallel.schedules import (
     Action,
     P2POp,
     Schedule,
-    all_ranks,
     message_tag,
     owner,
-    timeline,
+    program,
 )
 from utils.pipeline_parallel.stage import PipelineStage, irecv, send
 
@@ -95,30 +94,7 @@ def timed_program(
     wait for it (gloo: a send is done once the receive is posted) does not stall
     behind an action the unit-time order put first. Same actions, same messages.
     """
-    ranks = all_ranks(schedule, p, m, v)
-    n_stages = p * v
-    rows = timeline(ranks, v, times)
-    ends = {action: end for row in rows for action, _, end in row}
-    events: list[tuple[float, int, int, Action | P2POp]] = []
-    for action, start, end in rows[rank]:
-        events.append((start, 1, 0, action))  # messages first at equal times,
-        # both ends of each by (time, tag): one global order of messages
-        kind, stage, micro = action
-        if kind == "W":
-            continue
-        what, step = ("act", 1) if kind == "F" else ("grad", -1)
-        src = stage - step  # the stage whose output this action consumes
-        if 0 <= src < n_stages and owner(src, p) != rank:
-            tag = message_tag(what, src, micro, m)
-            recv = P2POp("recv", owner(src, p), what, src, micro, tag)
-            events.append((ends[Action(kind, src, micro)], 0, tag, recv))
-        dst = stage + step
-        if 0 <= dst < n_stages and owner(dst, p) != rank:
-            tag = message_tag(what, stage, micro, m)
-            send = P2POp("send", owner(dst, p), what, stage, micro, tag)
-            events.append((end, 0, tag, send))
-    events.sort(key=lambda e: e[:3])
-    return [e[3] for e in events]
+    return program(rank, p, m, v, schedule, times=times)
 
 
 def add_comm(

@@ -330,7 +330,13 @@ def message_tag(what: str, stage: int, micro: int, m: int) -> int:
 
 
 def program(
-    rank: int, p: int, m: int, v: int, schedule: Schedule, naive: bool = False
+    rank: int,
+    p: int,
+    m: int,
+    v: int,
+    schedule: Schedule,
+    naive: bool = False,
+    times: Mapping[str, float] | None = None,
 ) -> list[Action | P2POp]:
     """Rank ``rank``'s actions with its sends and recvs in a deadlock-free order.
 
@@ -348,10 +354,14 @@ def program(
     ``naive=True`` instead puts each recv just before its action and each send just
     after: the order a first executor writes, which deadlocks 1F1B's steady state
     (rank r sends micro i+1's activation while rank r+1 sends micro i's gradient).
+
+    ``times`` (per kind, as :func:`timeline` takes them) orders the messages by a
+    timeline with those durations instead of unit times; the argument above holds
+    for any times.
     """
     ranks = all_ranks(schedule, p, m, v)
     n_stages = p * v
-    rows = timeline(ranks, v)
+    rows = timeline(ranks, v, times)
     ends = {action: end for row in rows for action, _, end in row}
     events: list[tuple[float, int, int, Action | P2POp]] = []
     for action, start, end in rows[rank]:

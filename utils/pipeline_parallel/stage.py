@@ -45,26 +45,16 @@ import torch.distributed as dist
 from torch import nn
 
 from utils.checks import check_int
+from utils.model_parallel.layer_split import split_layers
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def partition(n_items: int, n_parts: int) -> list[range]:
-    """``n_items`` consecutive items cut into ``n_parts`` near-equal ranges, the
-    first ones one item longer when it does not divide (each at least one item)."""
-    check_int("n_parts", n_parts)
-    if n_items < n_parts:
-        raise ValueError(
-            f"cannot cut {n_items} layers into {n_parts} stages: every stage "
-            "needs at least one layer"
-        )
-    base, extra = divmod(n_items, n_parts)
-    out, start = [], 0
-    for k in range(n_parts):
-        size = base + (k < extra)
-        out.append(range(start, start + size))
-        start += size
-    return out
+    """``n_items`` consecutive layers cut into ``n_parts`` near-equal stages: chapter
+    4's layer split (:func:`utils.model_parallel.layer_split.split_layers`), the
+    first ones one layer longer when it does not divide (each at least one)."""
+    return split_layers(n_items, n_parts, what="stage")
 
 
 class PipelineStage:
