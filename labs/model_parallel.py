@@ -80,7 +80,6 @@ from utils.model_parallel.layer_split import (
     LayerGroup,
     gpt_groups,
     named_parameters,
-    split_layers,
 )
 from utils.model_parallel.layers import vocab_parallel_cross_entropy
 from utils.model_parallel.torch_impl import (
@@ -90,7 +89,14 @@ from utils.model_parallel.torch_impl import (
     parallel_cross_entropy,
     torch_tp,
 )
-from utils.models import GPT, GPTConfig, count_params, gpt_batch, shard_batch
+from utils.models import (
+    GPT,
+    GPTConfig,
+    count_params,
+    gpt_batch,
+    shard_batch,
+    split_layers,
+)
 from utils.report import RankReport, lab_data
 from utils.wire import WireCounter
 

@@ -59,6 +59,7 @@ from utils.comm import CommMeter, all_reduce
 from utils.dims import ParallelDims
 from utils.launch import launch
 from utils.memory import MemoryTracker
+from utils.model_parallel.layer_split import gpt_groups, named_parameters
 from utils.models import GPT, GPTConfig, count_params, gpt_batch, shard_batch
 from utils.pipeline_parallel.check import expected_bubble, peak_activations
 from utils.pipeline_parallel.executor import (
@@ -68,7 +69,7 @@ from utils.pipeline_parallel.executor import (
     timed_program,
 )
 from utils.pipeline_parallel.schedules import SCHEDULES, Action, stages_of
-from utils.pipeline_parallel.stage import PipelineStage, partition
+from utils.pipeline_parallel.stage import PipelineStage
 from utils.report import RankReport, lab_data
 from utils.wire import WireCounter
 
@@ -360,53 +361,9 @@ blocks (55,488 parameters), a few seconds with the launch."""
 
 
 # ------------------------------------------------------------------ the model
-class Embed(nn.Module):
-    """The GPT's first layer: token + position embeddings (``GPT.embed``)."""
-
-    def __init__(self, gpt: GPT):
-        super().__init__()
-        self.tok, self.pos = gpt.tok, gpt.pos
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-
-
-class Head(nn.Module):
-    """The GPT's last layer: final norm and output projection (``GPT.logits``)."""
-
-    def __init__(self, gpt: GPT):
-        super().__init__()
-        self.ln_f, self.head = gpt.ln_f, gpt.head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.ln_f(x))
-
-
-# [split-start]
-def chunk_layers(gpt: GPT, n_chunks: int) -> list[list[tuple[str, nn.Module]]]:
-    """The GPT as ``n_chunks`` consecutive lists of (name prefix, module): the
-    blocks cut as evenly as they go, the embedding before the first, the head
-    after the last. The prefixes give each parameter its name in ``GPT``."""
-    blocks = [(f"blocks.{i}.", b) for i, b in enumerate(gpt.blocks)]
-    chunks = [[blocks[i] for i in r] for r in partition(len(blocks), n_chunks)]
-    chunks[0].insert(0, ("", Embed(gpt)))
-    chunks[-1].append(("", Head(gpt)))
-    return chunks
-
-
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of one micro-batch's next-token predictions."""
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-
-# [split-end]
-
-
-def named_parameters(pieces) -> dict[str, torch.Tensor]:
-    """{name in the single-process GPT: parameter} of a chunk's (prefix, module)s."""
-    return {
-        prefix + name: p for prefix, mod in pieces for name, p in mod.named_parameters()
-    }
 
 
 def micro_batches(cfg: Config, step: int, dp_rank: int):
@@ -579,11 +536,9 @@ def worker(cfg: Config) -> RankReport:
     )
     pp_rank, dp_rank = mesh.coords["pp"], mesh.coords["dp"]
     gpt = GPT(cfg.gpt(), seed=cfg.seed).to(device)  # every rank builds it all...
-    all_chunks = chunk_layers(gpt, p * v)
+    all_chunks = gpt_groups(gpt, p * v)  # chapter 4's split, p v chunks
     mine = {s: all_chunks[s] for s in stages_of(pp_rank, p, v)}  # ...keeps its own
-    params = {
-        k: t for pieces in mine.values() for k, t in named_parameters(pieces).items()
-    }
+    params = {k: t for pieces in mine.values() for k, t in named_parameters(pieces)}
     holder = nn.ModuleList(mod for pieces in mine.values() for _, mod in pieces)
     del gpt, all_chunks
     meter = CommMeter()

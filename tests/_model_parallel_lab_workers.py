@@ -23,8 +23,8 @@ from tests._model_parallel_workers import _kinds
 from utils.comm import CommMeter
 from utils.lab import PhaseClock
 from utils.launch import rank_device
-from utils.model_parallel.layer_split import LayerGroup, split_layers
-from utils.models import GPT, MLP, gpt_batch, mlp_batch, shard_batch
+from utils.model_parallel.layer_split import LayerGroup
+from utils.models import GPT, MLP, gpt_batch, mlp_batch, shard_batch, split_layers
 
 
 def counted_twice(cfg: lab.Config) -> dict:

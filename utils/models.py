@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from utils.checks import check_int
+
 
 @contextmanager
 def _seeded(seed: int):
@@ -260,3 +262,25 @@ def shard_batch(batch, rank: int, world_size: int):
         n = t.shape[0] // world_size
         out.append(t[rank * n : (rank + 1) * n])
     return tuple(out)
+
+
+def split_layers(n_layers: int, n_groups: int, what: str = "group") -> list[range]:
+    """``n_layers`` consecutive layers cut into ``n_groups`` near-equal ranges, the
+    first ones one layer longer when it does not divide (each at least one).
+    ``what`` names a range in the error ("group"; the pipeline's "stage").
+    Chapter 4's split across layers, chapter 5's stages and the planner's stages
+    all cut the same way."""
+    check_int("n_layers", n_layers)
+    check_int("n_groups", n_groups)
+    if n_layers < n_groups:
+        raise ValueError(
+            f"cannot cut {n_layers} layers into {n_groups} {what}s: every {what} "
+            "needs at least one layer"
+        )
+    base, extra = divmod(n_layers, n_groups)
+    out, start = [], 0
+    for k in range(n_groups):
+        size = base + (k < extra)
+        out.append(range(start, start + size))
+        start += size
+    return out

@@ -47,6 +47,7 @@ from utils.memory_model import (
     convention_state_bytes,
     transformer_activation_bytes,
 )
+from utils.models import split_layers
 
 __all__ = [
     "OFFLOADS",
@@ -292,12 +293,6 @@ class Estimate:
         return self.device["total"] <= device_bytes
 
 
-def _stage_layers(layers: int, pp: int) -> list[int]:
-    """Blocks per stage, as even as possible, the extra ones on the first stages."""
-    base, extra = divmod(layers, pp)
-    return [base + (i < extra) for i in range(pp)]
-
-
 def _check_layout(model, dp, tp, pp, micro_batch, micro_batches, v, schedule):
     for name, value in (
         ("dp", dp),
@@ -416,7 +411,7 @@ def estimate(
     emb_split = -(-(model.vocab * model.hidden) // tp)
     positions = model.learned_positions * model.seq_len * model.hidden
     head_own = (not model.tied) * emb_split + model.final_norm * model._norm()
-    layers = _stage_layers(model.layers, pp)
+    layers = [len(r) for r in split_layers(model.layers, pp, what="stage")]
     s, b, h, m = model.seq_len, micro_batch, model.hidden, micro_batches
     param16 = next(c.bytes_per_param for c in conv.components if c.category == "params")
 

@@ -39,28 +39,9 @@ from torch import nn
 
 from utils.checks import check_int
 from utils.comm import CommMeter, nbytes
+from utils.models import split_layers
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def split_layers(n_layers: int, n_groups: int, what: str = "group") -> list[range]:
-    """``n_layers`` consecutive layers cut into ``n_groups`` near-equal ranges, the
-    first ones one layer longer when it does not divide (each at least one).
-    ``what`` names a range in the error ("group"; the pipeline's "stage")."""
-    check_int("n_layers", n_layers)
-    check_int("n_groups", n_groups)
-    if n_layers < n_groups:
-        raise ValueError(
-            f"cannot cut {n_layers} layers into {n_groups} {what}s: every {what} "
-            "needs at least one layer"
-        )
-    base, extra = divmod(n_layers, n_groups)
-    out, start = [], 0
-    for k in range(n_groups):
-        size = base + (k < extra)
-        out.append(range(start, start + size))
-        start += size
-    return out
 
 
 @contextmanager
@@ -187,6 +168,7 @@ class GPTHead(nn.Module):
         return self.head(self.ln_f(x))
 
 
+# [gpt-groups-start]
 def gpt_pieces(gpt: nn.Module) -> list[tuple[str, nn.Module]]:
     """The course GPT (``utils.models.GPT``) as consecutive layers, each with the
     prefix its parameters' names have in the whole model: ``("", embedding)``,
@@ -211,6 +193,9 @@ def gpt_groups(gpt: nn.Module, n_groups: int) -> list[list[tuple[str, nn.Module]
     groups[0].insert(0, embed)
     groups[-1].append(head)
     return groups
+
+
+# [gpt-groups-end]
 
 
 def named_parameters(group: Sequence[tuple[str, nn.Module]]):

@@ -36,8 +36,9 @@ map of its code.
                                     of any action lists) and 5.3 (the fewest m
                                     for a bubble under a target)
 ``labs/pipeline_parallel.py``       the lab: the GPT cut into p x v chunks
-                                    (``chunk_layers``), any schedule through the
-                                    executor or torch's ``PipelineStage`` and
+                                    (chapter 4's ``gpt_groups``), any schedule
+                                    through the executor or torch's
+                                    ``PipelineStage`` and
                                     schedules, pp x dp; ``Config``,
                                     ``PipelineData``, ``run``, ``run_many``
 ``tests/test_pipeline_schedules``   every schedule valid, deadlock-free and on its

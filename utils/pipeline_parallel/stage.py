@@ -45,14 +45,14 @@ import torch.distributed as dist
 from torch import nn
 
 from utils.checks import check_int
-from utils.model_parallel.layer_split import split_layers
+from utils.models import split_layers
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def partition(n_items: int, n_parts: int) -> list[range]:
     """``n_items`` consecutive layers cut into ``n_parts`` near-equal stages: chapter
-    4's layer split (:func:`utils.model_parallel.layer_split.split_layers`), the
+    4's layer split (:func:`utils.models.split_layers`), the
     first ones one layer longer when it does not divide (each at least one)."""
     return split_layers(n_items, n_parts, what="stage")
 
