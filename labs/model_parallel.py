@@ -68,8 +68,8 @@ from utils.checks import check_int, check_number
 from utils.cli import LabConfig, progress, run_from_cli
 from utils.comm import CommMeter, nbytes
 from utils.dims import ParallelDims
-from utils.launch import launch
 from utils.memory import MemoryTracker
+from utils.memory_model import course_gpt_activation_bytes, course_gpt_outside_bytes
 from utils.model_parallel.apply import (
     apply_tensor_parallel,
     check_tensor_parallel,
@@ -871,44 +871,15 @@ def held_numel(cfg: Config, coords: dict) -> tuple[int, int]:
 
 def activation_bytes_per_layer(cfg: Config) -> int:
     """Activation bytes one transformer layer leaves for its backward on one rank,
-    at the end of forward: Korthikanti et al. 2022, Table 2, adapted to the
-    course GPT and the lab's dtype (``e`` bytes per element). The paper counts
-    16-bit activations and 1-byte dropout masks, per layer:
-
-    * tensor parallel: s b h (10 + 24/t + 5 a s / (h t));
-    * tensor + sequence parallel: s b h (34/t + 5 a s / (h t)).
-
-    The course GPT differs in three ways, each measured (``tests/test_model_
-    parallel.py``): it has no dropout (the paper's two s b h masks, and the
-    attention's dropout mask and output, are absent); its attention is torch's
-    fused ``scaled_dot_product_attention``, whose CPU kernel (as FlashAttention)
-    keeps only its output and a per-row log-sum-exp (a s b / t numbers, fp32 in
-    both precisions), never the a s^2 b scores and softmax (the paper's
-    5 a s / (h t) term); and with sequence parallelism the all-gathered inputs of
-    the attention's q, k, v and of the MLP's fc are kept whole, as torch's
-    ``ColwiseParallel`` keeps its replicated input, where Megatron-LM keeps the
-    sequence shard and all-gathers again in backward
-    (``megatron/core/tensor_parallel/layers.py``,
-    ``LinearWithGradAccumulationAndAsyncCommunication``). In elements, with the
-    layer norms' mean and 1/std (b s each, two norms):
-
-    * tensor parallel: s b h (4 + 12/t) + 4 s b + a s b / t: the block input and
-      its layer norm's output, the residual after attention and its norm's output
-      (whole); q, k, v, the attention output (the projection's input: the same
-      tensor), the MLP's 4h GELU input and output (split);
-    * + sequence parallel: s b h (2 + 14/t) + 4 s b / t + a s b / t: the two
-      residuals are split too, the two gathered inputs whole.
-
-    So with e = 2 the paper's 10 + 24/t becomes 8 + 24/t (no masks) and its 34/t
-    becomes 4 + 28/t. ``b`` is this rank's sequences (batch_size / dp_size), t
-    is 1 in layers mode.
-    """
-    s, b, h, a = cfg.seq_len, cfg.rows_per_rank, cfg.d_model, cfg.n_heads
-    t, e = cfg.tp, cfg.bytes_per_element
-    lse = 4 * a * s * b // t  # fp32 in both precisions
-    if cfg.sequence_parallel:
-        return e * (2 * s * b * h + 14 * s * b * h // t + 4 * s * b // t) + lse
-    return e * (4 * s * b * h + 12 * s * b * h // t + 4 * s * b) + lse
+    at the end of forward: ``utils.memory_model.course_gpt_activation_bytes`` (the
+    paper's Table 2 adapted to the course GPT; its docstring derives it) for this
+    rank's ``b`` sequences (batch_size / dp_size) at the lab's dtype; t is 1 in
+    layers mode."""
+    return course_gpt_activation_bytes(
+        cfg.seq_len, cfg.rows_per_rank, cfg.d_model, cfg.n_heads,
+        tp_size=cfg.tp, sequence_parallel=cfg.sequence_parallel,
+        bytes_per_element=cfg.bytes_per_element,
+    )  # fmt: skip
 
 
 def predicted(cfg: Config, coords: dict, device) -> dict:
@@ -926,15 +897,11 @@ def predicted(cfg: Config, coords: dict, device) -> dict:
         layers = len(split_layers(cfg.n_layers, cfg.layer_groups)[coords["pp"]])
     per_layer = activation_bytes_per_layer(cfg)
     s, b, h, t, v = cfg.seq_len, cfg.rows_per_rank, cfg.d_model, cfg.tp, cfg.vocab_size
-    # Outside the layers: the first layer's input (the embedding's output, split
-    # along the sequence with SP; in layers mode the received activation), and on
-    # the last rank the final norm's output (the head's input, whole: with SP it is
-    # all-gathered) and the loss's fp32 softmax of this rank's v/t logits. Left
-    # out: index tensors, masks and the norms' statistics, under 64 bytes per
-    # token (tests/test_model_parallel.py).
-    outside = e * s * b * h // (t if cfg.sequence_parallel else 1)
-    if cfg.mode == "tensor" or coords["pp"] == cfg.layer_groups - 1:
-        outside += e * s * b * h + 4 * s * b * v // t
+    last = cfg.mode == "tensor" or coords["pp"] == cfg.layer_groups - 1
+    outside = course_gpt_outside_bytes(
+        s, b, h, v, first=coords["pp"] == 0, last=last, tp_size=t,
+        sequence_parallel=cfg.sequence_parallel, bytes_per_element=e,
+    )  # fmt: skip
     return {
         "params": e * numel,
         "grads": e * numel,
@@ -976,24 +943,7 @@ def run(cfg: Config) -> list[RankReport]:
 
 def run_many(cfgs: list[Config]) -> list[list[RankReport]]:
     """Several configurations (same world size) in one launch: rank reports each."""
-    sizes = {c.world_size for c in cfgs}
-    if len(sizes) != 1:
-        raise ValueError(f"run_many needs one world size, got {sorted(sizes)}")
-    for cfg in cfgs:
-        lab.check_memory(cfg)
-    per_rank = launch(
-        worker_many,
-        cfgs,
-        world_size=sizes.pop(),
-        backend=cfgs[0].backend,
-        timeout=60.0 + 30.0 * len(cfgs),
-    )
-    return [list(reports) for reports in zip(*per_rank)]
-
-
-def worker_many(cfgs: list[Config]) -> list[RankReport]:
-    """:func:`worker` for each configuration in turn, inside one set of ranks."""
-    return [worker(c) for c in cfgs]
+    return lab.run_many(worker, cfgs)
 
 
 def main(argv=None) -> None:

@@ -57,7 +57,6 @@ from utils.checks import check_int, check_number
 from utils.cli import LabConfig, progress, run_from_cli
 from utils.comm import CommMeter, all_reduce
 from utils.dims import ParallelDims
-from utils.launch import launch
 from utils.memory import MemoryTracker
 from utils.model_parallel.layer_split import gpt_groups, named_parameters
 from utils.models import GPT, GPTConfig, count_params, gpt_batch, shard_batch
@@ -690,21 +689,7 @@ def run(cfg: Config, *, timeout: float = 60.0) -> list[RankReport]:
 
 def run_many(cfgs: list[Config], *, timeout: float = 120.0) -> list[list[RankReport]]:
     """Several configurations (same world size) in one launch: rank reports each."""
-    sizes = {c.world_size for c in cfgs}
-    if len(sizes) != 1:
-        raise ValueError(f"run_many needs one world size, got {sorted(sizes)}")
-    for cfg in cfgs:
-        lab.check_memory(cfg)
-    per_rank = launch(
-        worker_many, cfgs, world_size=sizes.pop(), backend=cfgs[0].backend,
-        timeout=timeout,
-    )  # fmt: skip
-    return [list(reports) for reports in zip(*per_rank)]
-
-
-def worker_many(cfgs: list[Config]) -> list[RankReport]:
-    """:func:`worker` for each configuration in turn, inside one set of ranks."""
-    return [worker(c) for c in cfgs]
+    return lab.run_many(worker, cfgs, timeout=timeout)
 
 
 def main(argv=None) -> None:

@@ -46,7 +46,6 @@ from utils import lab
 from utils.checks import check_int, check_number
 from utils.cli import LabConfig, progress, run_from_cli
 from utils.comm import CollectiveCounter, CommMeter
-from utils.launch import launch
 from utils.memory import MemoryTracker
 from utils.memory_model import model_state_bytes
 from utils.models import GPT, GPTConfig, count_params, gpt_batch, shard_batch
@@ -372,20 +371,7 @@ def run(cfg: Config) -> list[RankReport]:
 
 def run_many(cfgs: list[Config]) -> list[list[RankReport]]:
     """Several configurations (same world size) in one launch: rank reports each."""
-    sizes = {c.world_size for c in cfgs}
-    if len(sizes) != 1:
-        raise ValueError(f"run_many needs one world size, got {sorted(sizes)}")
-    for cfg in cfgs:
-        lab.check_memory(cfg)
-    per_rank = launch(
-        worker_many, cfgs, world_size=sizes.pop(), backend=cfgs[0].backend
-    )
-    return [list(reports) for reports in zip(*per_rank)]
-
-
-def worker_many(cfgs: list[Config]) -> list[RankReport]:
-    """:func:`worker` for each configuration in turn, inside one set of ranks."""
-    return [worker(c) for c in cfgs]
+    return lab.run_many(worker, cfgs, timeout=60.0)
 
 
 def main(argv=None) -> None:

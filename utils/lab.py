@@ -45,7 +45,12 @@ feeds refuses only launches that cannot fit."""
 
 def join(cfg):
     """``(cfg, rank, world_size, device)`` inside a rank; under torchrun the world
-    size is the launcher's, and ``cfg`` is updated to say so."""
+    size is the launcher's, and ``cfg`` is updated to say so.
+
+    ``device`` is the one ``utils.launch`` chose for this rank (``rank_device``):
+    ``cuda:r`` under NCCL, ``cuda:(r % GPUs)`` for ranks sharing the GPUs through
+    gloo, else the CPU. A lab builds its model, batches and ``MemoryTracker`` there,
+    so ranks sharing a GPU each measure their own CUDA memory."""
     rank, n = dist.get_rank(), dist.get_world_size()
     if n != cfg.world_size:
         cfg = replace(cfg, world_size=n)
@@ -148,3 +153,32 @@ def run(worker, cfg, *, timeout: float = 60.0) -> list:
     return launch(
         worker, cfg, world_size=cfg.world_size, backend=cfg.backend, timeout=timeout
     )
+
+
+def run_many(worker, cfgs, *, timeout: float | None = None) -> list[list]:
+    """Several configurations of one lab (same world size) in one launch: the
+    ranks start once and run ``worker(cfg)`` for each in turn (:func:`each`);
+    returns each configuration's per-rank results. Every configuration is checked
+    against this machine's memory first. ``timeout`` (default 60 s plus 30 s per
+    configuration) bounds the job as :func:`run`'s does."""
+    cfgs = list(cfgs)
+    if not cfgs:
+        raise ValueError("run_many needs at least one configuration")
+    sizes = {c.world_size for c in cfgs}
+    if len(sizes) != 1:
+        raise ValueError(f"run_many needs one world size, got {sorted(sizes)}")
+    if not in_torchrun():
+        for cfg in cfgs:
+            check_memory(cfg)
+    if timeout is None:
+        timeout = 60.0 + 30.0 * len(cfgs)
+    per_rank = launch(
+        each, worker, cfgs, world_size=sizes.pop(), backend=cfgs[0].backend,
+        timeout=timeout,
+    )  # fmt: skip
+    return [list(results) for results in zip(*per_rank)]
+
+
+def each(worker, cfgs) -> list:
+    """``worker(cfg)`` for each configuration in turn, inside one set of ranks."""
+    return [worker(c) for c in cfgs]

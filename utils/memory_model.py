@@ -34,6 +34,8 @@ __all__ = [
     "PaperExample",
     "StateComponent",
     "convention_state_bytes",
+    "course_gpt_activation_bytes",
+    "course_gpt_outside_bytes",
     "mlp_activation_bytes",
     "model_state_bytes",
     "paper_examples",
@@ -408,6 +410,94 @@ def transformer_activation_bytes(
         linear = 34 / t if sequence_parallel else 10 + 24 / t
         per_token = linear + (attention if recompute == "none" else 0)
     return math.ceil(s * b * h * per_token * layers)
+
+
+def course_gpt_activation_bytes(
+    seq_len: int,
+    micro_batch: int,
+    hidden: int,
+    heads: int,
+    layers: int = 1,
+    *,
+    tp_size: int = 1,
+    sequence_parallel: bool = False,
+    bytes_per_element: int = 4,
+) -> int:
+    """Activation bytes the course GPT (``utils.models.GPT``) leaves for its backward
+    on one rank, for ``layers`` transformer blocks: Korthikanti et al. 2022, Table 2
+    (:func:`transformer_activation_bytes`), adapted to this model and dtype
+    (``e = bytes_per_element``). Chapter 4 measures it (``tests/test_model_
+    parallel.py``), the combining chapter's planner uses it for the CPU labs.
+
+    The course GPT differs from the paper's in three ways: it has no dropout (the
+    paper's two s b h masks, and the attention's dropout mask and output, are
+    absent); its attention is torch's fused ``scaled_dot_product_attention``, whose
+    CPU kernel (as FlashAttention) keeps only its output and a per-row log-sum-exp
+    (a s b / t numbers, fp32 in both precisions), never the a s^2 b scores and
+    softmax (the paper's 5 a s / (h t) term); and with sequence parallelism the
+    all-gathered inputs of the attention's q, k, v and of the MLP's fc are kept
+    whole, as torch's ``ColwiseParallel`` keeps its replicated input, where
+    Megatron-LM keeps the sequence shard and all-gathers again in backward
+    (``megatron/core/tensor_parallel/layers.py``,
+    ``LinearWithGradAccumulationAndAsyncCommunication``). In elements, with the
+    layer norms' mean and 1/std (b s each, two norms), per block:
+
+    * tensor parallel: s b h (4 + 12/t) + 4 s b + a s b / t: the block input and
+      its layer norm's output, the residual after attention and its norm's output
+      (whole); q, k, v, the attention output (the projection's input: the same
+      tensor), the MLP's 4h GELU input and output (split);
+    * + sequence parallel: s b h (2 + 14/t) + 4 s b / t + a s b / t: the two
+      residuals are split too, the two gathered inputs whole.
+
+    So with e = 2 the paper's 10 + 24/t becomes 8 + 24/t (no masks) and its 34/t
+    becomes 4 + 28/t.
+    """
+    for name, value in (
+        ("seq_len", seq_len),
+        ("micro_batch", micro_batch),
+        ("hidden", hidden),
+        ("heads", heads),
+        ("tp_size", tp_size),
+        ("bytes_per_element", bytes_per_element),
+    ):
+        check_int(name, value, minimum=1)
+    check_int("layers", layers, minimum=0)
+    check_bool("sequence_parallel", sequence_parallel)
+    s, b, h, a, t, e = seq_len, micro_batch, hidden, heads, tp_size, bytes_per_element
+    lse = 4 * a * s * b // t  # fp32 in both precisions
+    if sequence_parallel:
+        block = e * (2 * s * b * h + 14 * s * b * h // t + 4 * s * b // t) + lse
+    else:
+        block = e * (4 * s * b * h + 12 * s * b * h // t + 4 * s * b) + lse
+    return layers * block
+
+
+def course_gpt_outside_bytes(
+    seq_len: int,
+    micro_batch: int,
+    hidden: int,
+    vocab: int,
+    *,
+    first: bool,
+    last: bool,
+    tp_size: int = 1,
+    sequence_parallel: bool = False,
+    bytes_per_element: int = 4,
+) -> int:
+    """The course GPT's activations outside its blocks, on one rank: the first
+    block's input (the embedding's output on the first stage, the received
+    activation on a later one; split along the sequence with sequence
+    parallelism), and on the last stage the final norm's output (the head's input,
+    whole) and the loss's fp32 softmax of this rank's ``vocab / tp`` logits. Left
+    out: index tensors, masks and the norms' statistics, under 64 bytes per token
+    (measured in ``tests/test_model_parallel.py``). ``first`` is accepted for
+    symmetry: every stage keeps its input."""
+    del first
+    s, b, h, t, e = seq_len, micro_batch, hidden, tp_size, bytes_per_element
+    out = e * s * b * h // (t if sequence_parallel else 1)
+    if last:
+        out += e * s * b * h + 4 * s * b * vocab // t
+    return out
 
 
 def mlp_activation_bytes(batch: int, sizes, *, bytes_per_element: int = 4) -> int:

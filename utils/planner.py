@@ -45,11 +45,14 @@ from utils.hardware import Cluster
 from utils.memory_model import (
     BYTES_PER_PARAM_CONVENTIONS,
     convention_state_bytes,
+    course_gpt_activation_bytes,
+    course_gpt_outside_bytes,
     transformer_activation_bytes,
 )
 from utils.models import split_layers
 
 __all__ = [
+    "ACTIVATION_MODELS",
     "OFFLOADS",
     "PRESETS",
     "RECOMPUTES",
@@ -66,6 +69,12 @@ __all__ = [
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb1p")
 RECOMPUTES = ("none", "selective", "full")
 OFFLOADS = ("none", "optimizer", "optimizer+grads", "params")
+ACTIVATION_MODELS = ("korthikanti-16", "course-fp32")
+"""How activations are counted: Korthikanti et al. 2022, Table 2 (16-bit, 1-byte
+dropout masks, the blocks only), or the course GPT as its CPU labs run it (fp32,
+no dropout, fused attention, and the embedding's output, the final norm's output
+and the loss's softmax: ``utils.memory_model.course_gpt_activation_bytes`` and
+``course_gpt_outside_bytes``)."""
 ACTIVATION_BYTES = 2
 """Bytes of an activation or a gradient element on the wire (16-bit training)."""
 
@@ -288,6 +297,11 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     step_time: dict[str, float] | None = None
     """With a cluster: seconds of compute, of each axis' communication and in all."""
+    stages: list[dict] = field(default_factory=list)
+    """Every pipeline stage, first to last: {"stage", "layers", "params" (its
+    parameters on one tp rank, before ZeRO), "in_flight", "device": {...},
+    "host": {...}}: what ``device``/``host`` above are for the worst one. The
+    combining chapter compares each with the measured rank at that stage."""
 
     def fits(self, device_bytes: float) -> bool:
         return self.device["total"] <= device_bytes
@@ -360,6 +374,7 @@ def estimate(
     recompute: str = "none",
     offload: str = "none",
     convention: str = "mixed-16",
+    activations: str = "korthikanti-16",
     cluster: Cluster | None = None,
 ) -> Estimate:
     """Memory, communication and bubble of one layout, per rank (all modelled).
@@ -402,6 +417,12 @@ def estimate(
     check_choice("recompute", recompute, RECOMPUTES)
     check_choice("offload", offload, OFFLOADS)
     check_choice("convention", convention, tuple(BYTES_PER_PARAM_CONVENTIONS))
+    check_choice("activations", activations, ACTIVATION_MODELS)
+    if activations == "course-fp32" and recompute != "none":
+        raise LayoutError(
+            "activations='course-fp32' counts the course GPT without recomputation;"
+            f" got recompute={recompute!r}"
+        )
     if offload == "params" and zero_stage != 3:
         raise LayoutError("offload='params' keeps parameter shards on the host: "
                           f"it needs zero_stage=3, got {zero_stage}")  # fmt: skip
@@ -415,7 +436,7 @@ def estimate(
     s, b, h, m = model.seq_len, micro_batch, model.hidden, micro_batches
     param16 = next(c.bytes_per_param for c in conv.components if c.category == "params")
 
-    best = None
+    best, per_stage = None, []
     for stage, n_layers in enumerate(layers):
         params = n_layers * per_layer
         if stage == 0:
@@ -436,15 +457,27 @@ def estimate(
         if offload == "params":
             host["params"], states["params"] = states["params"], 0
         flight = _in_flight(schedule, pp, stage, m, v)
-        per_mb = transformer_activation_bytes(
-            s, b, h, model.heads, n_layers, tp_size=tp,
-            sequence_parallel=sequence_parallel, recompute=recompute,
-        )  # fmt: skip
+        if activations == "course-fp32":
+            tps = dict(tp_size=tp, sequence_parallel=sequence_parallel)
+            per_mb = course_gpt_activation_bytes(
+                s, b, h, model.heads, n_layers, **tps
+            ) + course_gpt_outside_bytes(
+                s, b, h, model.vocab, first=stage == 0, last=stage == pp - 1, **tps
+            )
+        else:
+            per_mb = transformer_activation_bytes(
+                s, b, h, model.heads, n_layers, tp_size=tp,
+                sequence_parallel=sequence_parallel, recompute=recompute,
+            )  # fmt: skip
         acts = math.ceil(per_mb * flight)
         device = {**states, "activations": acts}
         device["params"] += gathered
         device["total"] = sum(device.values())
         host["total"] = sum(host.values())
+        per_stage.append(dict(
+            stage=stage, layers=n_layers, params=params,
+            in_flight=math.ceil(flight), device=device, host=host,
+        ))  # fmt: skip
         if best is None or device["total"] > best[1]["total"]:
             best = (stage, device, host, params, flight)
     stage, device, host, params, flight = best
@@ -469,13 +502,18 @@ def estimate(
     notes = [
         f"model states at {conv.label}",
         "activations: Korthikanti et al. 2022 Table 2 (16-bit, 1-byte masks), "
-        "embedding and output activations left out",
+        "embedding and output activations left out"
+        if activations == "korthikanti-16"
+        else "activations: the course GPT in fp32 (course_gpt_activation_bytes), "
+        "with the stage's input and the last stage's norm output and softmax",
     ]
     layout = dict(
         dp=dp, tp=tp, pp=pp, zero_stage=zero_stage, micro_batch=micro_batch,
         micro_batches=micro_batches, virtual_stages=v, schedule=schedule,
         sequence_parallel=sequence_parallel, recompute=recompute, offload=offload,
     )  # fmt: skip
+    if activations != "korthikanti-16":
+        layout["activations"] = activations
     est = Estimate(
         layout=layout,
         stage_layers=layers,
@@ -488,6 +526,7 @@ def estimate(
         in_flight=math.ceil(flight),
         convention=convention,
         notes=notes,
+        stages=per_stage,
     )
     if cluster is not None:
         est.step_time = step_time(model, est, cluster)
