@@ -38,7 +38,11 @@ LAYOUTS = {
     "dp2 tp4 pp1": replace(TINY, tp_size=4, pp_size=1),
     "dp8": replace(TINY, dp_size=8, tp_size=1, pp_size=1, micro_batches=1),
     "dp1 tp2 pp4 interleaved": replace(
-        TINY, dp_size=1, pp_size=4, micro_batches=4, schedule="interleaved",
+        TINY,
+        dp_size=1,
+        pp_size=4,
+        micro_batches=4,
+        schedule="interleaved",
         n_layers=8,
     ),  # fmt: skip
 }
