@@ -24,6 +24,7 @@ ORDER = [
     "model_parallel",
     "pipeline_parallel",
     "simd_mimd",
+    "combined",
     "book",
 ]
 """Cheap benchmarks first, so a slow one does not hide the others' figures."""
