@@ -13,7 +13,7 @@ planner's prediction for its stage (``utils.planner.estimate`` in fp32, the
 course GPT's activations), which the chapter and the tests compare with it::
 
     python -m labs.combined                         # 2 x 2 x 2 on 8 ranks
-    python -m labs.combined --world-size 4 --dp-size 1 --tp-size 2 --pp-size 2
+    python -m labs.combined --dp-size 1 --tp-size 2 --pp-size 2   # 4 ranks
     python -m labs.combined --zero-stage 2 --schedule gpipe --micro-batches 8
     torchrun --nproc-per-node 8 -m labs.combined
 """
@@ -70,8 +70,9 @@ class Config(LabConfig):
     }
     CLI_HIDDEN = ("return_params",)
 
-    world_size: int = 8
-    """Ranks to start: dp_size x tp_size x pp_size."""
+    world_size: int = 0
+    """Ranks to start: dp_size x tp_size x pp_size (0: that product; under
+    torchrun, the world it started, which must equal it)."""
     dp_size: int = 2
     """Data-parallel replicas (ZeRO shards over them)."""
     tp_size: int = 2
@@ -103,6 +104,10 @@ class Config(LabConfig):
     ``extra.params`` (tests compare them with one process)."""
 
     def __post_init__(self):
+        check_int("world_size", self.world_size, minimum=0)
+        if self.world_size == 0:  # the layout's own size
+            product = self.dp_size * self.tp_size * self.pp_size
+            object.__setattr__(self, "world_size", product)
         super().__post_init__()
         for name in ("dp_size", "tp_size", "pp_size"):
             check_int(name, getattr(self, name), maximum=64)
@@ -194,7 +199,7 @@ class Config(LabConfig):
         return 16 * self.spec().num_params() + acts
 
 
-TINY = Config(world_size=8, steps=2, micro_batches=2, batch_size=8)
+TINY = Config(steps=2, micro_batches=2, batch_size=8)
 """What tests and CI run: 2 x 2 x 2, 2 micro-batches of 2 sequences per pipeline."""
 
 

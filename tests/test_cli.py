@@ -23,12 +23,26 @@ LABS = {
     "offload": ["--offload", "optimizer", "--steps", "2"],
     "model_parallel": ["--mode", "tensor", "--n-layers", "2", "--steps", "2"],
     "pipeline_parallel": ["--schedule", "1f1b", "--micro-batches", "2", "--steps", "2"],
+    "combined": [
+        "--dp-size",
+        "1",
+        "--tp-size",
+        "1",
+        "--pp-size",
+        "2",
+        "--micro-batches",
+        "2",
+        "--batch-size",
+        "4",
+        "--steps",
+        "2",
+    ],
 }
 """Every training lab with a quick configuration (chapter 6's lab measures loops,
 not training: tests/test_simd_mimd.py runs it)."""
-RANK_AXIS = {"model_parallel": "tp", "pipeline_parallel": "pp"}
+RANK_AXIS = {"model_parallel": "tp", "pipeline_parallel": "pp", "combined": "pp"}
 """The axis a 2-rank run spreads its ranks over (data parallel otherwise)."""
-PHASES = {"pipeline_parallel": {"F", "B", "step"}}
+PHASES = {"pipeline_parallel": {"F", "B", "step"}, "combined": {"F", "B", "step"}}
 """Memory marks each lab's timeline has (forward, backward, step otherwise)."""
 
 
@@ -75,17 +89,23 @@ def test_python_m_and_torchrun_give_the_same_run_and_report(lab, tmp_path):
     assert [r["num_params"] for r in direct] == [r["num_params"] for r in joined]
 
 
+BAD_WORLD_SIZE = {"combined": ("-1", ">= 0")}
+"""A world size each lab refuses, and its lower bound (combined: 0 means the
+layout's dp x tp x pp)."""
+
+
 @pytest.mark.parametrize("lab", sorted(LABS))
 def test_bad_world_size_is_refused_before_any_rank_starts(lab):
+    bad, bound = BAD_WORLD_SIZE.get(lab, ("0", ">= 1"))
     proc = subprocess.run(
-        [sys.executable, "-m", f"labs.{lab}", "--world-size", "0"],
+        [sys.executable, "-m", f"labs.{lab}", "--world-size", bad],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode != 0
-    assert "world_size must be an integer >= 1, got 0" in proc.stderr
+    assert f"world_size must be an integer {bound}, got {bad}" in proc.stderr
     assert "launch:" not in proc.stdout  # no rank was started
 
 
