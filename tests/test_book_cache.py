@@ -451,3 +451,12 @@ def test_this_books_chapters_reach_their_lab():
         assert "pyproject.toml" in chapter.files
         if (ROOT / "labs" / f"{name}.py").exists():
             assert f"labs/{name}.py" in chapter.files, chapter.name
+
+
+def test_a_package_s_scripts_are_in_the_closure_of_its_importers():
+    """The live explorer's JavaScript is read at run time: a change to it must
+    re-execute the chapters that show the explorer."""
+    root = Path(__file__).resolve().parents[1]
+    got = bc.closure(root, ["from utils.explorer import planner_explorer"])
+    assert {"utils/explorer/planner.js", "utils/explorer/explorer.js"} <= got
+    assert "utils/explorer/__init__.py" in got

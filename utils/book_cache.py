@@ -332,6 +332,11 @@ def _string_list(tree: ast.AST, variable: str) -> list[str]:
     return []
 
 
+DATA_SUFFIXES = (".js", ".json")
+"""Files of a package that its code reads at run time (the live explorer's
+scripts): in the closure of whatever imports the package."""
+
+
 def closure(
     root: Path, sources: list[str], packages: set[str] | None = None
 ) -> set[str]:
@@ -361,6 +366,8 @@ def closure(
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue  # still in the closure (its text is hashed); nothing to follow
         reach(_imported_names(tree, name, is_package))
+        if is_package:  # its data files (utils/explorer's JavaScript) count too
+            seen.update(f for f in path.parent.iterdir() if f.suffix in DATA_SUFFIXES)
         if name in STRING_IMPORTS:
             reach(_string_list(tree, STRING_IMPORTS[name]))
     return {p.relative_to(root).as_posix() for p in seen}
