@@ -100,6 +100,22 @@ def tp_of(cfg: Mapping) -> int:
     return cfg["tp_size"] or cfg["world_size"] // cfg["dp_size"]
 
 
+def runs_without_dp(
+    runs: Iterable[Sequence[Any]], *, impl: str | None = "scratch", mode=None
+):
+    """The runs the row builders below draw, one filter for them all: no data
+    parallelism, ``impl`` (None: either) and ``mode`` (None: either). Yields
+    ``(cfg, ranks by rank, their extras)``."""
+    for run in runs:
+        cfg = config_of(run)
+        if cfg["dp_size"] != 1 or impl is not None and cfg["impl"] != impl:
+            continue
+        if mode is not None and cfg["mode"] != mode:
+            continue
+        ranks = _by_rank(run)
+        yield cfg, ranks, [_get(r, "extra") for r in ranks]
+
+
 def select(runs: Iterable[Sequence[Any]], **want) -> list[list[Any]]:
     """The runs whose config has every ``key=value`` of ``want``, ordered by world
     size."""
@@ -510,12 +526,7 @@ def memory_rows(runs: Iterable[Sequence[Any]]) -> list[dict]:
     predicted by the lab's analytic model. A one-rank run is the whole model in
     either mode and is listed under both."""
     rows = []
-    for run in runs:
-        cfg = config_of(run)
-        if cfg["impl"] != "scratch" or cfg["dp_size"] != 1:
-            continue
-        ranks = _by_rank(run)
-        extras = [_get(r, "extra") for r in ranks]
+    for cfg, ranks, extras in runs_without_dp(runs):
         row = {
             "sequence_parallel": cfg["sequence_parallel"],
             "ranks": len(ranks),
@@ -617,12 +628,7 @@ def bytes_rows(runs: Iterable[Sequence[Any]]) -> list[dict]:
     sockets, mean over ranks), "by_phase", "calls" (rank 0, modelled bytes and
     calls by phase and collective)}. t = 1 rows send nothing."""
     rows = []
-    for run in runs:
-        cfg = config_of(run)
-        if cfg["impl"] != "scratch" or cfg["dp_size"] != 1 or cfg["mode"] != "tensor":
-            continue
-        ranks = _by_rank(run)
-        extras = [_get(r, "extra") for r in ranks]
+    for cfg, ranks, extras in runs_without_dp(runs, mode="tensor"):
         blocks = [
             (b.get("forward") or 0) + (b.get("backward") or 0)
             for e in extras
@@ -764,11 +770,7 @@ def activation_rows(runs: Iterable[Sequence[Any]]) -> list[dict]:
     printed, 16-bit with dropout, modelled), "total", "total_predicted" (end of
     forward, mean over ranks)}."""
     rows = []
-    for run in runs:
-        cfg = config_of(run)
-        if cfg["impl"] != "scratch" or cfg["dp_size"] != 1 or cfg["mode"] != "tensor":
-            continue
-        extras = [_get(r, "extra") for r in _by_rank(run)]
+    for cfg, _, extras in runs_without_dp(runs, mode="tensor"):
         blocks = [b for e in extras for b in _get(e, "block_activation_bytes")]
         if not blocks:
             raise ValueError("the run recorded no per-block activations (probes off?)")
@@ -962,9 +964,8 @@ def calls_rows(runs: Iterable[Sequence[Any]]) -> list[dict]:
     by phase and kind (the scratch layers' meter; torch's through its dispatch
     counter)."""
     rows = []
-    for run in runs:
-        cfg = config_of(run)
-        if cfg["mode"] != "tensor" or cfg["dp_size"] != 1 or tp_of(cfg) == 1:
+    for cfg, _, extras in runs_without_dp(runs, impl=None, mode="tensor"):
+        if tp_of(cfg) == 1:
             continue
         rows.append(
             {
@@ -972,7 +973,7 @@ def calls_rows(runs: Iterable[Sequence[Any]]) -> list[dict]:
                 "tp": tp_of(cfg),
                 "sequence_parallel": cfg["sequence_parallel"],
                 "impl": cfg["impl"],
-                "calls": _get(_get(_by_rank(run)[0], "extra"), "calls_by_phase"),
+                "calls": _get(extras[0], "calls_by_phase"),
             }
         )
     return sorted(rows, key=lambda r: (r["sequence_parallel"], r["tp"], r["impl"]))
