@@ -23,6 +23,7 @@ LABS = {
     "offload": ["--offload", "optimizer", "--steps", "2"],
     "model_parallel": ["--mode", "tensor", "--n-layers", "2", "--steps", "2"],
     "pipeline_parallel": ["--schedule", "1f1b", "--micro-batches", "2", "--steps", "2"],
+    "failures": ["--fault", "none", "--steps", "2"],
     "combined": [
         "--dp-size",
         "1",
