@@ -68,6 +68,7 @@ from utils.checks import check_int, check_number
 from utils.cli import LabConfig, progress, run_from_cli
 from utils.comm import CommMeter, nbytes
 from utils.dims import ParallelDims
+from utils.launch import check_cuda_p2p
 from utils.memory import MemoryTracker
 from utils.memory_model import course_gpt_activation_bytes, course_gpt_outside_bytes
 from utils.model_parallel.apply import (
@@ -938,11 +939,20 @@ def reference(cfg: Config) -> dict:
 
 def run(cfg: Config) -> list[RankReport]:
     """Start ``cfg.world_size`` ranks (or join torchrun's) and collect reports."""
+    _check_p2p([cfg])
     return lab.run(worker, cfg, timeout=120.0)
+
+
+def _check_p2p(cfgs: list[Config]) -> None:
+    """torch's layer split sends CUDA tensors through pipelining: not over gloo."""
+    if any((c.mode, c.impl) == ("layers", "torch") for c in cfgs):
+        what = "mode='layers' impl='torch' (torch.distributed.pipelining)"
+        check_cuda_p2p(cfgs[0].backend, cfgs[0].world_size, what)
 
 
 def run_many(cfgs: list[Config]) -> list[list[RankReport]]:
     """Several configurations (same world size) in one launch: rank reports each."""
+    _check_p2p(cfgs)
     return lab.run_many(worker, cfgs)
 
 

@@ -57,6 +57,7 @@ from utils.checks import check_int, check_number
 from utils.cli import LabConfig, progress, run_from_cli
 from utils.comm import CommMeter, all_reduce
 from utils.dims import ParallelDims
+from utils.launch import check_cuda_p2p
 from utils.memory import MemoryTracker
 from utils.model_parallel.layer_split import gpt_groups, named_parameters
 from utils.models import GPT, GPTConfig, count_params, gpt_batch, shard_batch
@@ -684,12 +685,19 @@ def _report(cfg, mesh, engine, mine, params, mem, meter, rec, sent, wired, per_m
 def run(cfg: Config, *, timeout: float = 60.0) -> list[RankReport]:
     """Start ``cfg.world_size`` ranks (or join torchrun's) and collect reports;
     ``timeout`` bounds a rank waiting for a message that never comes."""
+    if cfg.impl == "torch":  # torch's stages send CUDA tensors; gloo cannot
+        check_cuda_p2p(cfg.backend, cfg.world_size, TORCH_P2P)
     return lab.run(worker, cfg, timeout=timeout)
 
 
 def run_many(cfgs: list[Config], *, timeout: float = 120.0) -> list[list[RankReport]]:
     """Several configurations (same world size) in one launch: rank reports each."""
+    if any(c.impl == "torch" for c in cfgs):
+        check_cuda_p2p(cfgs[0].backend, cfgs[0].world_size, TORCH_P2P)
     return lab.run_many(worker, cfgs, timeout=timeout)
+
+
+TORCH_P2P = "impl='torch' (torch.distributed.pipelining)"
 
 
 def main(argv=None) -> None:

@@ -1,7 +1,9 @@
 """utils.launch: results, faults (raise, hang, kill, interrupt), bad input, torchrun.
 
 Worker functions live in tests/_launch_workers.py because the ranks import them by
-module path. Everything here runs on CPU/gloo; GPU tests skip without CUDA.
+module path. Everything here runs on CPU/gloo; GPU tests skip without CUDA. Where
+``auto`` puts the ranks (one GPU per rank, sharing the GPUs, CPU) is tested with the
+GPU count mocked in tests/test_shared_gpu.py.
 """
 
 import _thread
@@ -38,7 +40,8 @@ from utils.launch import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-GPUS = torch.cuda.device_count()
+GPUS = launch_module.cuda_gpus()
+HAVE = f"{GPUS} CUDA GPU" + ("" if GPUS == 1 else "s")  # as the messages count them
 
 
 def rank_processes() -> list[psutil.Process]:
@@ -80,11 +83,11 @@ def test_results_come_back_in_rank_order(world_size, capsys):
 
 
 def test_auto_backend_says_why(capsys):
-    if GPUS >= 2:
-        pytest.skip("auto picks NCCL here")
+    if GPUS >= 1:
+        pytest.skip("auto puts the ranks on the GPUs here")
     launch(w.rank_info, world_size=2)
     out = capsys.readouterr().out
-    assert f"launch: 2 ranks on gloo (CPU processes): {GPUS} CUDA GPUs < 2 ranks" in out
+    assert "launch: 2 ranks on gloo (CPU processes): 0 CUDA GPUs < 2 ranks" in out
 
 
 def test_rank_output_reaches_the_caller(capsys):
@@ -248,7 +251,8 @@ def test_bad_input_is_refused_before_any_process_starts(kwargs, error, words):
 def test_unknown_backend_lists_the_choices():
     with pytest.raises(ValueError) as info:
         resolve_backend("mpi", 2)
-    assert all(b in str(info.value) for b in ("auto", "gloo", "nccl"))
+    assert all(repr(b) in str(info.value) for b in launch_module.BACKENDS)
+    assert "'gloo-cuda'" in str(info.value)
 
 
 def _nested_worker():
@@ -321,14 +325,14 @@ def test_keyboard_interrupt_leaves_no_rank_processes():
 
 
 def test_nccl_without_enough_gpus_is_a_value_error():
-    with pytest.raises(ValueError, match=f"{GPUS} CUDA GPUs < {GPUS + 1} ranks"):
+    with pytest.raises(ValueError, match=f"{HAVE} < {GPUS + 1} ranks"):
         launch(w.rank_info, world_size=GPUS + 1, backend="nccl")
 
 
 def test_bad_backend_is_a_launch_config_error_before_any_process_starts():
     n = GPUS + 1
     expected = (
-        f"backend='nccl' needs one GPU per rank: {GPUS} CUDA GPUs < {n} ranks "
+        f"backend='nccl' needs one GPU per rank: {HAVE} < {n} ranks "
         "(use backend='auto' or 'gloo')"
     )
     with pytest.raises(LaunchConfigError) as info:
@@ -365,7 +369,7 @@ def test_a_command_line_shows_bad_launch_input_alone_and_exits_2():
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == (
-        f"error: backend='nccl' needs one GPU per rank: {GPUS} CUDA GPUs < 2 ranks "
+        f"error: backend='nccl' needs one GPU per rank: {HAVE} < 2 ranks "
         "(use backend='auto' or 'gloo')\n"
     )
     assert "launch:" not in proc.stdout  # refused before it said what it starts
@@ -453,8 +457,13 @@ def test_from_a_notebook_kernel():
 def test_one_nccl_rank_on_one_gpu(capsys):
     assert launch(w.rank_info, world_size=1)[0][4] == "cuda:0"
     assert "1 ranks on nccl (one GPU per rank)" in capsys.readouterr().out
-    # More ranks than GPUs: auto falls back to gloo on CPU processes.
-    assert launch(w.rank_info, world_size=GPUS + 1)[0][4] == "cpu"
+    # More ranks than GPUs: auto shares them through gloo, rank r on cuda:(r % GPUs).
+    results = launch(w.rank_info, world_size=GPUS + 1)
+    assert [r[4] for r in results] == [f"cuda:{r % GPUS}" for r in range(GPUS + 1)]
+    assert [r[2] for r in results] == [sum(range(GPUS + 1))] * (GPUS + 1)
+    assert f"ranks on gloo (sharing {HAVE})" in capsys.readouterr().out
+    # gloo alone still means CPU processes, GPUs or not.
+    assert launch(w.rank_info, world_size=2, backend="gloo")[0][4] == "cpu"
 
 
 @pytest.mark.gpu
@@ -508,7 +517,8 @@ def test_ranks_can_return_tensors():
 
 
 def test_no_rendezvous_folder_outlives_its_job():
-    pattern = os.path.join(tempfile.gettempdir(), "parlaunch-*")
+    # Ours only: other processes on this machine may be launching jobs meanwhile.
+    pattern = os.path.join(tempfile.gettempdir(), f"parlaunch-{os.getpid()}-*")
     before = set(glob.glob(pattern))
     launch(w.tensor_result, 2, world_size=2, backend="gloo")
     with pytest.raises(LaunchError):

@@ -31,6 +31,10 @@ from multiprocessing.connection import wait
 
 import psutil
 
+DEVICE_ENV = "PARLAUNCH_DEVICE"
+"""Set in each rank to the device the launcher chose for it ("cuda:0", "cpu"), read
+by ``utils.launch.rank_device``."""
+
 GRACE_S = 1.0
 """After the first failure, how long to keep listening so every rank can report.
 
@@ -154,12 +158,32 @@ def _exit_with_job(job) -> None:
     threading.Thread(target=watch, name="launch-job-watch", daemon=True).start()
 
 
-def rank_main(fn, args, rank, world_size, backend, rendezvous, timeout, pipes, env):
+def use_device(device) -> None:
+    """Make the CUDA ``device`` this process's current one and initialise CUDA now.
+
+    Once CUDA is initialised, torch keeps the choice: ``init_device_mesh`` calls
+    ``set_device(LOCAL_RANK)`` only while CUDA is not initialised
+    (torch/distributed/device_mesh.py, ``_setup_world_group_and_device``), and
+    LOCAL_RANK names a GPU that does not exist when ranks share fewer GPUs.
+    """
+    import torch
+
+    torch.cuda.set_device(device)
+    torch.cuda.init()
+
+
+def rank_main(
+    fn, args, rank, world_size, backend, rendezvous, timeout, pipes, env, device="cpu"
+):
     """Entry point of one rank (runs in a process forked by the fork server).
 
     ``env``: variables to set before init, taken from the caller's environment at
     launch time (the fork server's environment is that of the first launch):
     ``GLOO_SOCKET_IFNAME``, the user's or the loopback interface (see utils.launch).
+    ``device``: where this rank computes ("cuda:1", "cpu"; ``Placement.device_for``),
+    made current before init and exported as ``PARLAUNCH_DEVICE``. Under gloo the
+    rank's CPU threads are its share of the cores, whatever the device: gloo and
+    its staging of CUDA tensors through host memory run on them.
     """
     _own_session()
     conn, out, err, job = pipes
@@ -177,15 +201,16 @@ def rank_main(fn, args, rank, world_size, backend, rendezvous, timeout, pipes, e
         WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1",
+        **{DEVICE_ENV: device},
         **env,
     )
     try:
         import torch
         import torch.distributed as dist
 
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        else:
+        if device.startswith("cuda"):
+            use_device(torch.device(device))
+        if backend != "nccl":
             # Ranks share the cores: without this each would start one thread per
             # core and they would fight (oversubscription makes gloo labs crawl).
             torch.set_num_threads(max(1, _cpu_count() // world_size))

@@ -6,9 +6,17 @@ parser is made from it: one flag per field (``d_model`` -> ``--d-model``), the
 field's docstring as its help, its default shown, ``choices`` shown where the
 Config lists them in ``CHOICES``, ``--flag/--no-flag`` for booleans and
 comma-separated values for tuples. Every lab therefore accepts
-``--world-size``, ``--backend {auto,gloo,nccl}``, ``--steps``, ``--seed`` and
-``--json PATH``, so ``python -m labs.<name> --world-size 4`` and
+``--world-size``, ``--backend {auto,gloo,gloo-cuda,nccl}``, ``--steps``, ``--seed``
+and ``--json PATH``, so ``python -m labs.<name> --world-size 4`` and
 ``torchrun --nproc-per-node 4 -m labs.<name>`` behave the same.
+
+``--backend`` says where the ranks run (``utils.launch.resolve_placement``): ``auto``
+(the default) is NCCL with one GPU per rank when there are as many GPUs as ranks,
+gloo with CUDA tensors on the GPUs there are when there are fewer (ranks share them,
+round-robin: one GPU on Colab or a laptop runs any lab with N ranks, each measuring
+its own CUDA memory), and gloo on CPU processes without a GPU. ``gloo`` forces CPU
+processes even where there are GPUs, ``gloo-cuda`` forces gloo with CUDA tensors,
+``nccl`` refuses to run without one GPU per rank. The launch line says which and why.
 
 A bad value exits with status 2 and one line naming it and what is allowed, before
 any process starts; so does a ``--json`` path that could not be written (checked
@@ -60,7 +68,8 @@ class LabConfig:
     world_size: int = 2
     """Ranks to start (under torchrun: the world torchrun started)."""
     backend: str = "auto"
-    """auto: NCCL with one GPU per rank if there are enough GPUs, else gloo on CPU."""
+    """auto: NCCL with a GPU per rank if there are enough GPUs, else gloo sharing the
+    GPUs there are (gloo-cuda), else gloo on CPU; gloo: CPU even with GPUs."""
     steps: int = 3
     """Training steps."""
     seed: int = 0

@@ -39,7 +39,7 @@ from torch._C._distributed_c10d import ProcessGroup
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from utils.checks import check_int
-from utils.launch import synchronize
+from utils.launch import p2p_device, synchronize
 
 _FACTORS = {
     "all_reduce": lambda n: 2 * (n - 1) / n,
@@ -274,14 +274,20 @@ def ring_all_reduce(
     flat = tensor.view(-1) if tensor.is_contiguous() else tensor.reshape(-1)
     chunks = list(flat.tensor_split(n))
     recv = torch.empty_like(chunks[0])
+    host = p2p_device(tensor.device, group)  # gloo's send/recv: host memory only
 
     def exchange(send_idx: int, into: torch.Tensor) -> None:
+        out, inbox = chunks[send_idx], into
+        if host != tensor.device:
+            out, inbox = out.to(host), torch.empty_like(into, device=host)
         ops = [
-            dist.P2POp(dist.isend, chunks[send_idx], right, group),
-            dist.P2POp(dist.irecv, into, left, group),
+            dist.P2POp(dist.isend, out, right, group),
+            dist.P2POp(dist.irecv, inbox, left, group),
         ]
         for req in dist.batch_isend_irecv(ops):
             req.wait()
+        if inbox is not into:
+            into.copy_(inbox)
         if meter is not None:
             meter.count("ring_all_reduce", nbytes(chunks[send_idx]))
 

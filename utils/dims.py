@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
+from utils.launch import rank_device
+
 # The four degrees, and the axes one can ask about ("dp_cp" is dp and cp flattened:
 # the ranks that see different data, over which gradients are averaged once cp > 1).
 DEGREES = ("dp", "tp", "pp", "cp")
@@ -226,7 +228,8 @@ class ParallelDims:
         ``dist.new_group``, every group of every axis in ``AXES`` and, if ``mesh``,
         the ``DeviceMesh`` (``init_device_mesh(device_type, (pp, dp, cp, tp),
         mesh_dim_names=("pp", "dp", "cp", "tp"))``, plus ``dp_cp`` flattened).
-        ``device_type`` defaults to "cuda" under NCCL and "cpu" otherwise.
+        ``device_type`` defaults to this rank's device type (``rank_device()``): "cuda"
+        under NCCL and for ranks sharing GPUs through gloo, "cpu" otherwise.
         ``mesh=False`` skips the DeviceMesh (its groups are a second copy of ours).
 
         Cost on gloo CPU ranks (2 shared cores, median of 3 builds, slowest rank):
@@ -245,7 +248,7 @@ class ParallelDims:
                 f"dims describe world_size={self.world_size} ({self})"
             )
         if device_type is None:
-            device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            device_type = rank_device().type  # cuda also for ranks sharing GPUs
         rank = dist.get_rank()
 
         # new_group is collective over the *whole* default group, members or not:

@@ -11,11 +11,38 @@ Usage::
 
 ``launch(fn, *args, world_size, backend="auto", timeout=60.0)`` runs ``fn(*args)`` in
 ``world_size`` processes, each with the default process group initialised, and returns
-the ranks' return values ordered by rank (they must pickle). ``backend="auto"`` picks
-NCCL with one GPU per rank when there are at least ``world_size`` CUDA GPUs, otherwise
-gloo on CPU processes; it prints one line saying which and why. Inside a rank use
-``rank_device()``, ``synchronize(device)`` and ``rank_print(...)`` rather than naming
-``cuda``/``nccl`` yourself.
+the ranks' return values ordered by rank (they must pickle). Where the ranks run
+(``resolve_placement``; it prints one line saying which and why)::
+
+    backend       CUDA GPUs here     the ranks
+    "auto"        >= world_size      NCCL, one GPU per rank (rank r on cuda:r)
+    "auto"        1 .. world_size-1  gloo with CUDA tensors, sharing the GPUs:
+                                     rank r on cuda:(r % GPUs)
+    "auto"        0                  gloo on CPU processes
+    "gloo"        any                gloo on CPU processes (how to force the CPU)
+    "gloo-cuda"   >= 1               gloo with CUDA tensors, rank r on cuda:(r % GPUs)
+    "nccl"        >= world_size      NCCL, one GPU per rank (else refused)
+
+NCCL refuses two ranks on one GPU (NCCL's src/init.cc: "Duplicate GPU detected",
+ncclInvalidUsage), so ranks that share a GPU talk through gloo. gloo runs its
+collectives on CUDA tensors by staging them through pinned host memory
+(torch/csrc/distributed/c10d/ProcessGroupGloo*.cpp: ``AsyncAllreduceCUDAHostWork``,
+``AsyncBroadcastCUDAWork``, ``AsyncAllgatherCUDAWork``, ...; its reduce-scatter is an
+all-reduce of the whole buffer, each rank keeping its chunk). Each rank is a process
+with its own CUDA context and caching allocator, so the memory a rank reports
+(``torch.cuda.memory_allocated``, the allocator's statistics) is its own, real CUDA
+memory (torch/cuda/memory.py: ``set_per_process_memory_fraction`` limits "a caching
+allocator" of "a process"; ``mem_get_info`` is the device's "global" free memory,
+all processes together). What gloo cannot do
+with CUDA tensors: send/recv (``ProcessGroupGloo::send`` hands the tensor's address to
+its TCP transport as host memory), which :func:`isend` and :func:`irecv` stage
+through the CPU; ``all_reduce_coalesced`` (refused: "unsupported device type") and
+``all_gather_coalesced`` (no CUDA path), which the course's code does not call. A
+part that sends CUDA tensors point to point through torch itself
+(``torch.distributed.pipelining``) calls :func:`check_cuda_p2p`, to be refused
+before any process starts. Inside a rank use ``rank_device()``,
+``synchronize(device)`` and ``rank_print(...)`` rather than naming ``cuda``/``nccl``
+yourself.
 
 ``fn`` must be importable by module path (defined at the top level of a module such
 as ``labs/`` or a ``.py`` file next to the notebook): the children find it by name.
@@ -30,14 +57,16 @@ Bad input (``LaunchConfigError``, a ``ValueError``; also a ``TypeError`` where t
 type is wrong) is refused before any process starts: a bad ``world_size``,
 ``backend`` or ``timeout``, a backend the machine cannot run (``backend='nccl'``
 without a GPU per rank: "backend='nccl' needs one GPU per rank: 0 CUDA GPUs < 2
-ranks (use backend='auto' or 'gloo')"), a function the ranks could not import,
-arguments that do not pickle. Its message is meant to be shown alone: a command
-line catches ``LaunchConfigError``, prints it and exits with status 2.
+ranks (use backend='auto' or 'gloo')"; ``backend='gloo-cuda'`` without a GPU), a
+function the ranks could not import, arguments that do not pickle. Its message is
+meant to be shown alone: a command line catches ``LaunchConfigError``, prints it and
+exits with status 2.
 
 Under ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR set) ``launch`` starts
 nothing: it joins the world that exists (initialising the default group from the
-environment if needed), runs ``fn`` once in this process and returns every rank's
-result (``all_gather_object``), so the caller behaves the same::
+environment if needed, by the rule above applied to this machine's ranks,
+LOCAL_WORLD_SIZE, and LOCAL_RANK for the GPU), runs ``fn`` once in this process and
+returns every rank's result (``all_gather_object``), so the caller behaves the same::
 
     torchrun --nproc-per-node 8 -m labs.data_parallel
 
@@ -141,6 +170,7 @@ import stat
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from datetime import timedelta
 
 import psutil
@@ -150,8 +180,9 @@ import torch.multiprocessing as mp
 
 from utils import _procs
 
-BACKENDS = ("auto", "gloo", "nccl")
-_CHOICES = "{'auto', 'gloo', 'nccl'}"
+BACKENDS = ("auto", "gloo", "gloo-cuda", "nccl")
+_CHOICES = "{" + ", ".join(map(repr, BACKENDS)) + "}"
+DEVICE_ENV = _procs.DEVICE_ENV  # "PARLAUNCH_DEVICE": each rank's device, set in it
 # Imported once by the fork server, so ranks start with them loaded. utils.memory
 # pulls in DTensor and inductor (about 1 s per rank otherwise); none touches CUDA.
 _PRELOAD = [
@@ -167,10 +198,11 @@ class LaunchConfigError(ValueError):
     """Bad launch input, refused before any process starts (a ``ValueError``).
 
     Raised for a bad ``world_size``, ``backend`` or ``timeout``, a backend this
-    machine cannot run (``backend='nccl'`` without a GPU per rank), a function the
-    ranks could not import or arguments that do not pickle. The message is meant
-    to be shown alone: a command line catches it, prints it and exits with status
-    2, as for a bad flag. Where the input has the wrong type it is a
+    machine cannot run (``backend='nccl'`` without a GPU per rank, ``'gloo-cuda'``
+    without a GPU), a part gloo cannot run on CUDA tensors (``check_cuda_p2p``), a
+    function the ranks could not import or arguments that do not pickle. The
+    message is meant to be shown alone: a command line catches it, prints it and
+    exits with status 2, as for a bad flag. Where the input has the wrong type it is a
     ``TypeError`` too.
     """
 
@@ -196,40 +228,220 @@ def in_torchrun() -> bool:
     return all(k in os.environ for k in keys)
 
 
-def resolve_backend(backend: str, world_size: int) -> tuple[str, str]:
-    """("nccl" | "gloo", a human reason) for ``world_size`` ranks on this machine.
+@dataclass(frozen=True)
+class Placement:
+    """Where ``world_size`` ranks run on this machine: :func:`resolve_placement`."""
+
+    backend: str
+    """What ``init_process_group`` gets: "nccl" or "gloo"."""
+    device: str
+    """Where the ranks compute: "cuda" or "cpu"."""
+    gpus: int
+    """CUDA GPUs torch sees here (0 without CUDA)."""
+    world_size: int
+    """Ranks on this machine (under torchrun: LOCAL_WORLD_SIZE)."""
+    why: str
+    """The reason, in words, for the launch line."""
+
+    @property
+    def shares_gpus(self) -> bool:
+        """True when several ranks compute on one GPU (gloo with CUDA tensors)."""
+        return self.device == "cuda" and self.gpus < self.world_size
+
+    @property
+    def kind(self) -> str:
+        """How the ranks sit on the devices, for the launch line."""
+        if self.device == "cpu":
+            return "CPU processes"
+        if self.shares_gpus:
+            return f"sharing {_gpus_text(self.gpus)}"
+        if self.backend == "nccl":
+            return "one GPU per rank"
+        return "CUDA tensors, one GPU per rank"
+
+    def describe(self) -> str:
+        """What the launch line says after the number of ranks: "gloo (sharing 1
+        CUDA GPU): 1 CUDA GPU < 4 ranks and NCCL needs one GPU per rank: ..."."""
+        return f"{self.backend} ({self.kind}): {self.why}"
+
+    def device_for(self, local_rank: int) -> torch.device:
+        """The device of the rank with this local rank: round-robin on the GPUs."""
+        if self.device == "cpu":
+            return torch.device("cpu")
+        return torch.device("cuda", local_rank % self.gpus)
+
+
+def _gpus_text(n: int) -> str:
+    return f"{n} CUDA GPU" + ("" if n == 1 else "s")
+
+
+def _where(gpus: int, world_size: int) -> str:
+    if gpus == 1:
+        return "every rank on cuda:0"
+    if gpus >= world_size:
+        return "rank r on cuda:r"
+    return f"rank r on cuda:(r % {gpus})"
+
+
+def cuda_gpus() -> int:
+    """CUDA GPUs torch can use here: 0 where ``torch.cuda.is_available()`` is False
+    (a CPU build, no driver), else ``torch.cuda.device_count()``. Neither creates a
+    CUDA context in the caller."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_placement(backend: str, world_size: int) -> Placement:
+    """Where ``world_size`` ranks run on this machine (the table in the module
+    docstring), as a :class:`Placement`.
 
     Raises ``LaunchConfigError`` for an unknown backend or one this machine cannot
     run, e.g. "backend='nccl' needs one GPU per rank: 0 CUDA GPUs < 2 ranks".
     """
     if backend not in BACKENDS:
         raise LaunchConfigError(f"backend must be one of {_CHOICES}, got {backend!r}")
-    gpus = torch.cuda.device_count()
+    gpus = cuda_gpus()
     nccl_ok = dist.is_available() and dist.is_nccl_available()
+    n, have = world_size, _gpus_text(gpus)
+
+    def place(backend: str, device: str, why: str) -> Placement:
+        return Placement(backend, device, gpus, world_size, why)
+
     if backend == "nccl":
-        if gpus < world_size:
+        if gpus < n:
             raise LaunchConfigError(
-                f"backend='nccl' needs one GPU per rank: {gpus} CUDA GPUs "
-                f"< {world_size} ranks (use backend='auto' or 'gloo')"
+                f"backend='nccl' needs one GPU per rank: {have} < {n} ranks "
+                "(use backend='auto' or 'gloo')"
             )
         if not nccl_ok:
             raise LaunchConfigError("backend='nccl' but this torch build has no NCCL")
-        return "nccl", f"requested; {gpus} CUDA GPUs >= {world_size} ranks"
+        return place("nccl", "cuda", f"requested; {have} >= {n} ranks")
     if backend == "gloo":
-        return "gloo", "requested"
-    if gpus >= world_size and nccl_ok:
-        return "nccl", f"one GPU per rank: {gpus} CUDA GPUs >= {world_size} ranks"
-    why = f"{gpus} CUDA GPUs < {world_size} ranks" if nccl_ok or not gpus else ""
-    return "gloo", why or "this torch build has no NCCL"
+        return place("gloo", "cpu", "requested")
+    if backend == "gloo-cuda":
+        if gpus == 0:
+            raise LaunchConfigError(
+                "backend='gloo-cuda' needs a CUDA GPU, and torch sees none here "
+                "(torch.cuda.is_available() is False): use backend='auto' or 'gloo'"
+            )
+        return place("gloo", "cuda", f"requested; {_where(gpus, n)}")
+    if gpus >= n and nccl_ok:
+        return place("nccl", "cuda", f"one GPU per rank: {have} >= {n} ranks")
+    if gpus:  # fewer GPUs than ranks (NCCL refuses two ranks on one), or no NCCL
+        short = (
+            f"{have} < {n} ranks and NCCL needs one GPU per rank"
+            if gpus < n
+            else "this torch build has no NCCL"
+        )
+        return place("gloo", "cuda", f"{short}: gloo, {_where(gpus, n)}")
+    return place("gloo", "cpu", f"{have} < {n} ranks")
+
+
+def resolve_backend(backend: str, world_size: int) -> tuple[str, str]:
+    """("nccl" | "gloo", a human reason) for ``world_size`` ranks on this machine:
+    the backend half of :func:`resolve_placement` (which also says the device)."""
+    placement = resolve_placement(backend, world_size)
+    return placement.backend, placement.why
 
 
 def rank_device() -> torch.device:
-    """This rank's device: ``cuda:LOCAL_RANK`` under NCCL, else the CPU."""
+    """This rank's device.
+
+    In a rank that ``launch`` started or joined, the one it chose
+    (``PARLAUNCH_DEVICE``, set in the rank: ``Placement.device_for(LOCAL_RANK)``,
+    cuda:r under NCCL, cuda:(r % GPUs) for ranks sharing GPUs, or the CPU).
+    Elsewhere (a world the caller initialised itself, or outside any rank):
+    ``cuda:LOCAL_RANK`` under NCCL, else the CPU.
+    """
+    chosen = os.environ.get(DEVICE_ENV)
+    if chosen:
+        return torch.device(chosen)
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
 
+def _local_world_size(world_size: int) -> int:
+    """The ranks on this machine: torchrun's LOCAL_WORLD_SIZE, else ``world_size``."""
+    if in_torchrun():
+        return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    return world_size
+
+
+def check_cuda_p2p(backend: str, world_size: int, what: str) -> None:
+    """Refuse, before any process starts, a job in which ``what`` would send CUDA
+    tensors point to point over gloo (``backend`` resolving to gloo with CUDA
+    tensors), which gloo cannot do: ``ProcessGroupGloo::send``/``recv`` hand the
+    tensor's address to the TCP transport as host memory, with no CUDA path (its
+    collectives have one). The course's own messages use :func:`isend` and
+    :func:`irecv`, which stage through the CPU; torch's pipelining does not.
+    """
+    placement = resolve_placement(backend, _local_world_size(world_size))
+    if placement.backend == "gloo" and placement.device == "cuda":
+        raise LaunchConfigError(
+            f"{what} sends CUDA tensors point to point, which gloo cannot do "
+            f"(its send/recv have no CUDA path), and backend={backend!r} puts "
+            f"{placement.world_size} ranks on gloo with CUDA tensors "
+            f"({placement.why}): use backend='gloo' (CPU processes), or 'nccl' "
+            "with one GPU per rank"
+        )
+
+
+# [p2p-staging-start]
+def p2p_device(device: torch.device | str, group=None) -> torch.device:
+    """Where a point-to-point message to or from a tensor on ``device`` must be
+    for ``group``'s backend: ``device`` itself, except CUDA under gloo (whose
+    send/recv read and write the buffer as host memory): there the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and dist.get_backend(group) == "gloo":
+        return torch.device("cpu")
+    return device
+
+
+def isend(tensor: torch.Tensor, dst: int, *, group=None, tag: int = 0):
+    """``dist.isend`` of ``tensor`` to global rank ``dst``, through a host copy
+    where :func:`p2p_device` says so (the copy is made now, so ``tensor`` may
+    change as soon as this returns; gloo's work keeps the copy alive)."""
+    where = p2p_device(tensor.device, group)
+    if where != tensor.device or not tensor.is_contiguous():
+        tensor = torch.empty(tensor.shape, dtype=tensor.dtype, device=where).copy_(
+            tensor
+        )
+    return dist.isend(tensor, dst=dst, group=group, tag=tag)
+
+
+def irecv(tensor: torch.Tensor, src: int, *, group=None, tag: int = 0):
+    """``dist.irecv`` into ``tensor`` from global rank ``src``, through a host
+    buffer where :func:`p2p_device` says so: waiting on the returned work also
+    copies the message into ``tensor``."""
+    where = p2p_device(tensor.device, group)
+    if where == tensor.device and tensor.is_contiguous():
+        return dist.irecv(tensor, src=src, group=group, tag=tag)
+    staging = torch.empty(tensor.shape, dtype=tensor.dtype, device=where)
+    return _CopyBack(
+        dist.irecv(staging, src=src, group=group, tag=tag), staging, tensor
+    )
+
+
+class _CopyBack:
+    """The work of a staged :func:`irecv`: ``wait()`` waits for the message, then
+    copies it from the staging buffer into the destination tensor (once)."""
+
+    def __init__(self, work, staging: torch.Tensor, tensor: torch.Tensor):
+        self.work, self.staging, self.tensor = work, staging, tensor
+        self.copied = False
+
+    def wait(self, *args, **kwargs):
+        done = self.work.wait(*args, **kwargs)
+        if not self.copied:
+            self.tensor.copy_(self.staging)
+            self.copied = True
+        return done
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed() and self.copied
+
+
+# [p2p-staging-end]
 def synchronize(device: torch.device | str) -> None:
     """Wait for work queued on ``device`` (CUDA) before reading a clock; CPU: no-op."""
     if torch.device(device).type == "cuda":
@@ -375,16 +587,21 @@ def _own_multiprocessing_tempdir() -> None:
 def _join_torchrun(fn, args, world_size, backend, timeout) -> list:
     """Run once in this torchrun rank; return all ranks' results."""
     ours = not dist.is_initialized()
-    if ours:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-        chosen, why = resolve_backend(backend, local)
-        if chosen == "nccl":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(chosen, timeout=timedelta(seconds=timeout))
+    how = ""
+    if ours:  # the launch rule, on this machine's ranks and GPUs
+        placement = resolve_placement(backend, _local_world_size(world_size))
+        device = placement.device_for(int(os.environ["LOCAL_RANK"]))
+        if device.type == "cuda":
+            _procs.use_device(device)
+        os.environ[DEVICE_ENV] = str(device)
+        dist.init_process_group(placement.backend, timeout=timedelta(seconds=timeout))
+        how = f"; per machine, {placement.world_size} ranks: {placement.describe()}"
     size = dist.get_world_size()
     if dist.get_rank() == 0:
         note = "" if size == world_size else f" (world_size={world_size} ignored)"
-        print(f"launch: joined torchrun's {size} ranks on {dist.get_backend()}{note}")
+        print(
+            f"launch: joined torchrun's {size} ranks on {dist.get_backend()}{note}{how}"
+        )
     # Made now, while every rank is here (making a group is collective). Its own
     # timeout, twice ours, bounds the wait of ranks 1.. for rank 0 in the barrier.
     monitor = None
@@ -399,6 +616,7 @@ def _join_torchrun(fn, args, world_size, backend, timeout) -> list:
     dist.all_gather_object(gathered, result)
     if ours:
         dist.destroy_process_group()
+        os.environ.pop(DEVICE_ENV, None)
     return gathered
 
 
@@ -566,9 +784,9 @@ def launch(fn, *args, world_size: int, backend: str = "auto", timeout: float = 6
     if in_torchrun():  # fn runs here, in this process: no need to import it
         return _join_torchrun(fn, args, world_size, backend, timeout)
     _check_portable(fn, args)
-    chosen, why = resolve_backend(backend, world_size)
-    kind = "one GPU per rank" if chosen == "nccl" else "CPU processes"
-    print(f"launch: {world_size} ranks on {chosen} ({kind}): {why}", flush=True)
+    placement = resolve_placement(backend, world_size)
+    chosen = placement.backend
+    print(f"launch: {world_size} ranks on {placement.describe()}", flush=True)
 
     _own_multiprocessing_tempdir()
     ctx = mp.get_context("forkserver")
@@ -592,7 +810,7 @@ def launch(fn, *args, world_size: int, backend: str = "auto", timeout: float = 6
             p = ctx.Process(
                 target=_procs.rank_main,
                 args=(fn, args, rank, world_size, chosen, rendezvous, timeout)
-                + ((send, out_w, err_w, job_r), env),
+                + ((send, out_w, err_w, job_r), env, str(placement.device_for(rank))),
                 name=f"rank{rank}",
             )
             p.start()

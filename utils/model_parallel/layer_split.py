@@ -34,9 +34,9 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from utils import launch
 from utils.checks import check_int
 from utils.comm import CommMeter, nbytes
 from utils.models import split_layers
@@ -105,7 +105,7 @@ class LayerGroup(nn.Module):
         if not self.is_first:  # wait for the previous group's activation
             with self.clock("recv activation", kind="wait", mark=False):
                 x = torch.empty(self.recv_shape, dtype=self.dtype, device=device)
-                dist.recv(x, src=self.prev_rank)
+                launch.irecv(x, self.prev_rank).wait()  # dist.recv (see _send)
             x.requires_grad_(True)  # a leaf: its gradient is what we send back
         with self.clock("forward"):
             out = self.layers(x)
@@ -128,7 +128,7 @@ class LayerGroup(nn.Module):
         if not self.is_last:
             with self.clock("recv gradient", kind="wait", mark=False):
                 grad = torch.empty_like(out)
-                dist.recv(grad, src=self.next_rank)
+                launch.irecv(grad, self.next_rank).wait()
         with self.clock("backward"):
             torch.autograd.backward(out, grad)
         if not self.is_first:
@@ -139,7 +139,9 @@ class LayerGroup(nn.Module):
     def _send(self, tensor: torch.Tensor, phase: str, name: str) -> None:
         peer = self.next_rank if phase == "fwd" else self.prev_rank
         with self.clock(name, kind="comm", mark=False):
-            dist.send(tensor.contiguous(), dst=peer)
+            # dist.send, but through a host copy for a CUDA tensor under gloo
+            # (ranks sharing a GPU), whose send/recv read host memory only
+            launch.isend(tensor, peer).wait()
         if self.meter is not None:
             self.meter.count(f"send.{phase}", nbytes(tensor))
 

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from utils import launch
 from utils.checks import check_int
 from utils.models import split_layers
 
@@ -173,8 +174,9 @@ class PipelineStage:
 # [p2p-start]
 def send(tensor: torch.Tensor, dst: int, *, tag: int, group=None) -> dist.Work:
     """Start sending ``tensor`` to global rank ``dst``; wait on the returned work
-    before changing it (the executor waits for all of a step's sends at its end)."""
-    return dist.isend(tensor.contiguous(), dst=dst, group=group, tag=tag)
+    before changing it (the executor waits for all of a step's sends at its end).
+    Under gloo a CUDA tensor goes through a host copy (``utils.launch.isend``)."""
+    return launch.isend(tensor, dst, group=group, tag=tag)
 
 
 def recv(
@@ -204,7 +206,7 @@ def irecv(
     """Post the receive of a tensor of ``shape`` from global rank ``src``: the
     buffer it lands in and the work to wait on before reading it."""
     buffer = torch.empty(tuple(shape), dtype=dtype, device=device)
-    return buffer, dist.irecv(buffer, src=src, group=group, tag=tag)
+    return buffer, launch.irecv(buffer, src, group=group, tag=tag)
 
 
 # [p2p-end]
