@@ -101,6 +101,9 @@ def test_zero2_reduce_scatters_once_per_micro_batch(runs):
     m = TINY.micro_batches
     for rank in one:  # stage 1: one reduce-scatter + one all-gather, equal sizes
         assert two[rank] * 2 == one[rank] * (m + 1), rank
+    # and the planner counts the same (m + 1) / 2 (in its 16-bit elements)
+    plan = {z: replace(TINY, zero_stage=z).plan().comm["dp"] for z in (1, 2)}
+    assert plan[2] * 2 == pytest.approx(plan[1] * (m + 1))
 
 
 def test_each_rank_reports_its_groups(runs):

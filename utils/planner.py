@@ -402,12 +402,17 @@ def estimate(
     tp: 8 b s h (t-1)/t elements per layer per micro-batch (Narayanan et al. 2021,
     section 3.2: two all-reduces forward, two backward; full recompute repeats the
     forward's two: 12); with sequence parallelism the same volume as all-gathers
-    and reduce-scatters (Korthikanti et al., section 4.2.2). pp: b s h per
-    micro-batch forward and again backward across each boundary, v times with
-    interleaving (section 2.2.2), divided by t with the scatter/gather
-    optimisation when tp > 1 (section 4.1). dp: the gradients' all-reduce,
-    2 (d-1)/d of the stage's gradient elements (ZeRO 1 and 2: reduce-scatter plus
-    all-gather, the same), 3 (d-1)/d at ZeRO-3. offload: each step's gradients to
+    and reduce-scatters (Korthikanti et al., section 4.2.2). pp: what the stage
+    sends, b s h per micro-batch: its activation to the next stage and its input's
+    gradient to the previous one, v times with interleaving (section 2.2.2),
+    divided by t with the scatter/gather optimisation when tp > 1 (section 4.1).
+    dp: the gradients' all-reduce, 2 (d-1)/d of the stage's gradient elements;
+    ZeRO-1 the same as a reduce-scatter plus an all-gather; ZeRO-2 (m + 1)
+    (d-1)/d, as each of the m backward passes reduce-scatters the gradients it
+    made (they are not kept whole: that is the point) before one all-gather of
+    the parameters (DeepSpeed's pipeline engine refuses ZeRO-2 for this cost);
+    ZeRO-3 3 m (d-1)/d: two all-gathers of the parameters (forward, backward) and
+    one reduce-scatter per micro-batch. offload: each step's gradients to
     the host and parameters back, 2 + 2 bytes per parameter of the rank's shard.
     """
     v = virtual_stages
@@ -485,11 +490,11 @@ def estimate(
     tp_factor = 12 if recompute == "full" else 8
     tp_bytes = tp_factor * b * s * h * (tp - 1) // tp * layers[stage] * m
     boundaries = (stage > 0) + (stage < pp - 1)
-    pp_elems = boundaries * 2 * b * s * h * m * v
+    pp_elems = boundaries * b * s * h * m * v
     if tp > 1:
         pp_elems //= tp  # Narayanan et al. section 4.1, scatter/gather
     grad_elems = params
-    dp_factor = 3 if zero_stage == 3 else 2
+    dp_factor = {2: m + 1, 3: 3 * m}.get(zero_stage, 2)
     dp_bytes = dp_factor * bus_factor("all_gather", dp) * grad_elems * ACTIVATION_BYTES
     shard = -(-params // dp) if zero_stage >= 2 else params
     offload_bytes = 4 * shard if offload != "none" else 0

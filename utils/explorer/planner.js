@@ -571,10 +571,12 @@
     const tpBytes =
       ((tpFactor * B * big(tp - 1)) / big(tp)) * big(layers[stage]) * big(m);
     const boundaries = big((stage > 0 ? 1 : 0) + (stage < pp - 1 ? 1 : 0));
-    let ppElems = boundaries * 2n * B * big(m) * big(v);
+    let ppElems = boundaries * B * big(m) * big(v);
     if (tp > 1) ppElems /= big(tp); // Narayanan et al. section 4.1, scatter/gather
     const gradElems = params;
-    const dpFactor = o.zero_stage === 3 ? 3 : 2;
+    // ZeRO-2: m reduce-scatters and one all-gather; ZeRO-3: 3 per micro-batch
+    const dpFactor =
+      o.zero_stage === 2 ? m + 1 : o.zero_stage === 3 ? 3 * m : 2;
     // a float, as in Python: int * float * int * int, left to right
     const dpBytes =
       dpFactor * busFactor("all_gather", dp) * Number(gradElems) *
