@@ -16,14 +16,28 @@ map of its code.
 ``utils/planner.py`` (shared)          the planner: ``ModelSpec``, ``estimate``
                                        (per stage in ``Estimate.stages``),
                                        ``search``, ``PRESETS``
-``utils/combined/figures``             the chapter's figures: which ranks form each
-                                       group, measured memory per rank against the
-                                       planner, bytes per axis
+``utils/combined/figures``             the chapter's figures and tables: which
+                                       ranks form each group (``draw_groups``) and
+                                       which links they use (``link_rows``);
+                                       measured memory per rank against the
+                                       planner; bytes per axis against the papers'
+                                       formulas (``axis_model``); ZeRO 0-2 bytes;
+                                       the bubble; published configurations
+                                       recomputed (``paper_rows``); step time per
+                                       axis; the cost of each lab (``cost_rows``)
+``utils/combined/reference``           the single-process reference the lab must
+                                       equal (``reference``, ``differences``)
+``utils/combined/exercises``           checks of exercises 7.1-7.3: a rank's groups,
+                                       the fewest stages that fit, ZeRO-1 optimizer
+                                       bytes against a measured run
 ``tests/test_combined.py``             the lab at 2 x 2 x 2 (and others) against one
                                        process; memory per rank against the
                                        planner, category by category; bad layouts
                                        refused before any process starts
 ``tests/test_planner.py``              the planner against the published tables
+``tests/test_combined_figures.py``     the figures draw what they are given; the
+                                       papers' formulas against a real run's bytes;
+                                       the exercise checks
 ``tests/test_multinode.py``            two torchrun "nodes" on loopback
 ``bench/combined.py``                  the default lab's wall time
 =====================================  ==============================================
