@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed-stamp
 JB := $(VENV)/bin/jupyter-book
 WIDGETS_JS := _build/widgets-js/STAMP
 
-.PHONY: venv book test bench doctor lint format clean widgets-js
+.PHONY: venv book test bench doctor lint format clean widgets-js check check-solutions \
+	book-workshop
 
 venv: $(STAMP)
 
@@ -37,6 +38,29 @@ book: $(STAMP) $(WIDGETS_JS)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Workshops (workshop/instructor-guide.md). `make check CHAPTER=zero` grades the
+# learner's answer files for one chapter (utils/grade.py: pytest, ranks on gloo),
+# from the folder the chapters' %%writefile cells use, or ANSWERS=<folder>; it
+# prints each exercise's verdict and the score, and fails unless all pass.
+# `make check-solutions` grades every chapter's own solutions (CI).
+check: $(STAMP)
+	$(PY) -m utils.grade $(CHAPTER) $(if $(ANSWERS),--answers $(ANSWERS))
+
+check-solutions: $(STAMP)
+	@set -e; for chapter in $$($(PY) -c "from utils.grade import graded_chapters as g; print(*g())"); do \
+		$(PY) -m utils.grade $$chapter --solutions; \
+	done
+
+# The book without solutions, for workshops: _build/workshop/html, with its own
+# execution cache and doctrees beside it (the book's _build/html is untouched).
+# sphinx-exercise's hide_solutions crashes on gated solutions, so utils/grade.py,
+# loaded as an extension, removes them; no source or .ipynb download either.
+WORKSHOP_BUILD := _build/workshop
+book-workshop: $(STAMP) $(WIDGETS_JS)
+	@$(PY) -m utils.book_cache --build $(WORKSHOP_BUILD)
+	$(PY) -m utils.grade --workshop-book $(WORKSHOP_BUILD)
+	@$(PY) -m utils.book_cache --build $(WORKSHOP_BUILD) --commit
 
 bench: $(STAMP)
 	$(PY) -m bench

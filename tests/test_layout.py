@@ -18,7 +18,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("Foundations", "One axis at a time", "Putting it together")
+PARTS = ("Foundations", "One axis at a time", "Putting it together", "For instructors")
+INSTRUCTORS = "For instructors"
+"""The last part: workshop pages (``workshop/*.md``), not chapters."""
 NUMBERS = {
     "foundations": 0,
     "data_parallel": 1,
@@ -42,6 +44,8 @@ def chapters() -> list[tuple[str, str]]:
     """(file, name) of every chapter, in book order."""
     out = []
     for part in toc()["parts"]:
+        if part["caption"] == INSTRUCTORS:
+            continue  # workshop pages: test_instructor_pages_are_workshop_pages
         for entry in part["chapters"]:
             stem = Path(entry["file"]).name
             match = re.fullmatch(r"(\d\d)-([a-z0-9-]+)", stem)
@@ -61,6 +65,18 @@ def test_toc_is_grouped_in_the_courses_parts():
             f"{file}: DESIGN.md numbers {name!r} {NUMBERS.get(name)}"
         )
     assert numbers == sorted(numbers), "chapters in the book in DESIGN.md's order"
+
+
+def test_instructor_pages_are_workshop_pages():
+    parts = toc()["parts"]
+    for part in parts:
+        if part["caption"] != INSTRUCTORS:
+            continue
+        assert part is parts[-1], f"{INSTRUCTORS!r} is the book's last part"
+        for entry in part["chapters"]:
+            file = entry["file"]
+            assert re.fullmatch(r"workshop/[a-z0-9-]+", file), f"{file}: workshop/"
+            assert (ROOT / f"{file}.md").exists(), f"_toc.yml lists {file}, missing"
 
 
 @pytest.mark.parametrize("chapter", chapters(), ids=lambda c: c[1])
