@@ -48,13 +48,14 @@ def chromium() -> str | None:
 
 
 def chapter_pages() -> list[Path]:
-    """The built page of every chapter _toc.yml lists (missing ones included), or
-    none at all when the book has not been built."""
+    """The built page of every page _toc.yml lists: the intro, the chapters, the
+    instructors' pages (missing ones included), or none at all when the book has
+    not been built."""
     if not (BOOK / "index.html").exists():
         return []
     from tests.test_chapters import toc_files  # one reader of _toc.yml's parts
 
-    return [BOOK / f"{f}.html" for f in toc_files() if f.startswith("chapters/")]
+    return [BOOK / f"{f}.html" for f in toc_files()]
 
 
 def skip_or_fail(reason: str):
@@ -387,3 +388,107 @@ def test_chapter_fits_a_phone_screen(browser, page):
     for table in result["tables"]:
         if table["width"] > PHONE_WIDTH:
             assert table["box"] is not None, f"{rel}: a wide table has no scroll box"
+
+
+# ------------------------------------------------ every page: links, search, explorers
+def book_pages() -> list[Path]:
+    """Every page the build wrote (chapters, the intro, the instructors' pages,
+    search and index), without the theme's and the sources' folders."""
+    skip = ("_static", "_sources", "_images")
+    return sorted(
+        p for p in BOOK.rglob("*.html")
+        if not any(part in skip for part in p.relative_to(BOOK).parts)
+    )  # fmt: skip
+
+
+def _ids(page: Path, cache: dict) -> set[str]:
+    if page not in cache:
+        cache[page] = {t["id"] for t in soup(page.read_text()).find_all(id=True)}
+    return cache[page]
+
+
+def test_every_internal_link_and_image_resolves():
+    """No broken link or image on any page: each relative ``href`` names a file of
+    the build (and its ``#fragment`` an id there), each ``img src`` a file."""
+    if not chapter_pages():
+        skip_or_fail(f"no book in {BOOK}: run `make book` first")
+    broken, ids = [], {}
+    for page in book_pages():
+        html = soup(page.read_text())
+        refs = [("a", a["href"]) for a in html.find_all("a", href=True)]
+        refs += [("img", i["src"]) for i in html.find_all("img", src=True)]
+        for kind, ref in refs:
+            if re.match(r"^[a-z][a-z0-9+.-]*:", ref, re.I) or ref.startswith("//"):
+                continue  # http(s), mailto, data: the link check covers those
+            path, _, fragment = ref.partition("#")
+            target = (page.parent / path).resolve() if path else page
+            if target.is_dir():
+                target = target / "index.html"
+            where = f"{page.relative_to(BOOK)}: {kind} {ref}"
+            if not target.exists():
+                broken.append(where)
+            elif kind == "a" and fragment and target.suffix == ".html":
+                if fragment not in _ids(target, ids):
+                    broken.append(where + " (no such id)")
+    assert not broken, "broken links or images:\n" + "\n".join(broken[:40])
+
+
+def test_search_finds_a_chapter(browser):
+    """The built-in search (Sphinx's searchtools over searchindex.js) answers
+    offline: a query lists the chapter that treats it."""
+    dom, console = browser("search.html?q=micro-batches", "--dump-dom")
+    hits = [a["href"] for a in soup(dom).select("ul.search li a[href]")]
+    assert hits, "the search listed nothing for 'micro-batches'"
+    assert any("05-pipeline-parallel" in h for h in hits), hits[:10]
+
+
+EXPLORER_HARNESS = """<!doctype html><html><body>
+<iframe id="page" src="{page}" width="1200" height="3000"></iframe>
+<pre id="result">pending</pre>
+<script>
+const frame = document.getElementById("page");
+frame.addEventListener("load", () => setTimeout(() => {{
+  const doc = frame.contentDocument, changes = [];
+  const roots = [...doc.querySelectorAll(".course-explorer")];
+  for (const root of roots) {{
+    const out = root.querySelector(".plx-output");
+    const fire = input => {{
+      input.dispatchEvent(new Event("input", {{bubbles: true}}));
+      input.dispatchEvent(new Event("change", {{bubbles: true}}));
+    }};
+    // each control alone, from the page's starting layout: change it, compare,
+    // put it back (a changed model could make every later layout one error)
+    for (const input of root.querySelectorAll("[data-control]")) {{
+      const before = out ? out.innerHTML : "";
+      const old = input.type === "checkbox" ? input.checked : input.value;
+      if (input.type === "checkbox") input.checked = !input.checked;
+      else if (input.tagName === "SELECT")
+        input.selectedIndex = (input.selectedIndex + 1) % input.options.length;
+      else input.value = String(Number(input.value) + 1);
+      fire(input);
+      changes.push({{explorer: root.id, control: input.dataset.control,
+                     changed: (out ? out.innerHTML : "") !== before}});
+      if (input.type === "checkbox") input.checked = old; else input.value = old;
+      fire(input);
+    }}
+  }}
+  document.getElementById("result").textContent = JSON.stringify(
+    {{explorers: roots.length, changes}});
+}}, 4000));
+</script></body></html>"""
+
+
+def test_explorers_on_book_pages_answer_every_control(browser):
+    """Every live explorer the book shows (``utils.explorer``) answers each of its
+    controls in the static page: its output changes."""
+    pages = [p for p in book_pages() if "course-explorer" in p.read_text()]
+    if not pages:
+        skip_or_fail("no page shows a live explorer (utils.explorer)")
+    for page in pages:
+        rel = page.relative_to(BOOK).as_posix()
+        browser.extra["/harness.html"] = EXPLORER_HARNESS.format(page=rel)
+        dom, _ = browser("harness.html", "--dump-dom", budget_ms=30000)
+        result = json.loads(soup(dom).find("pre", id="result").string)
+        assert result["explorers"] > 0, f"{rel}: no explorer started"
+        dead = [c for c in result["changes"] if not c["changed"]]
+        assert result["changes"] and not dead, f"{rel}: controls with no effect: {dead}"
