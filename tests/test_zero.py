@@ -325,10 +325,17 @@ def test_explorer_shows_every_stage_and_fits_a_phone():
     assert ax.get_ylim()[1] >= figures.GPU_GB
     labels = [t.get_text() for t in ax.texts]
     assert any("120 GB" in t for t in labels) and any("1.88 GB" in t for t in labels)
-    widget = figures.explorer_widget()
-    for control in widget.controls.values():
-        assert control.layout.width == "100%", control
-        assert control.layout.max_width == "460px", control
+    for live in (False, True):
+        widget = figures.explorer_widget(live=live)
+        for control in widget.controls.values():
+            assert control.layout.width == "100%", control
+            assert control.layout.max_width == "460px", control
+    # the book's: the two choices prerendered (they work without a kernel); live
+    # adds the free sliders
+    assert set(figures.explorer_widget().controls) == {"stage", "convention"}
+    assert figures.explorer_widget().links
+    assert set(figures.explorer_widget(live=True).controls) == {
+        "num_params", "world_size", "stage", "convention"}  # fmt: skip
 
 
 def test_flat_layout_pads_to_equal_shards():

@@ -246,8 +246,17 @@ def _draw_measured(ax, reports, stage: int) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
-def explorer_widget(measured: Mapping[int, Sequence[Any]] | None = None):
-    """The explorer: parameters (up to 10 trillion), world size, stage, convention.
+def explorer_widget(
+    measured: Mapping[int, Sequence[Any]] | None = None,
+    *,
+    live: bool = False,
+    num_params: float = 7.5e9,
+    world_size: int = 64,
+):
+    """The explorer: stage and convention for the paper's example (``num_params``
+    on ``world_size`` ranks), every combination prerendered so that both controls
+    work in the static book; ``live=True`` adds free controls for the parameters
+    (up to 10 trillion) and the world size, for a notebook with a kernel.
 
     Every control is as wide as the page allows, at most 460 px, so the row wraps
     on a phone instead of scrolling sideways."""
@@ -255,30 +264,10 @@ def explorer_widget(measured: Mapping[int, Sequence[Any]] | None = None):
 
     from utils.widgets import interactive_figure
 
-    def draw(num_params, world_size, stage, convention):
-        return draw_explorer(num_params, world_size, stage, convention, measured)
-
     def fluid():
         return w.Layout(width="100%", max_width="460px")
 
-    return interactive_figure(
-        draw,
-        num_params=w.FloatLogSlider(
-            value=7.5e9,
-            base=10,
-            min=6,
-            max=13,
-            step=0.05,
-            description="parameters",
-            readout_format=".3g",
-            layout=fluid(),
-        ),
-        world_size=w.SelectionSlider(
-            options=[2**k for k in range(13)],
-            value=64,
-            description="world size N",
-            layout=fluid(),
-        ),
+    choices = dict(
         stage=w.Dropdown(
             options=[(STAGE_NAMES[s], s) for s in range(4)],
             value=3,
@@ -293,6 +282,36 @@ def explorer_widget(measured: Mapping[int, Sequence[Any]] | None = None):
             description="bytes/param",
             layout=fluid(),
         ),
+    )
+    if not live:
+
+        def fixed(stage, convention):
+            return draw_explorer(num_params, world_size, stage, convention, measured)
+
+        return interactive_figure(fixed, prerender=True, **choices)
+
+    def draw(num_params, world_size, stage, convention):
+        return draw_explorer(num_params, world_size, stage, convention, measured)
+
+    return interactive_figure(
+        draw,
+        num_params=w.FloatLogSlider(
+            value=num_params,
+            base=10,
+            min=6,
+            max=13,
+            step=0.05,
+            description="parameters",
+            readout_format=".3g",
+            layout=fluid(),
+        ),
+        world_size=w.SelectionSlider(
+            options=[2**k for k in range(13)],
+            value=world_size,
+            description="world size N",
+            layout=fluid(),
+        ),
+        **choices,
     )
 
 
