@@ -297,7 +297,6 @@ def test_cli_error_comes_before_any_process(monkeypatch, capsys):
     def no_launch(*args, **kwargs):
         raise AssertionError("launch must not be called")
 
-    monkeypatch.setattr(lab, "launch", no_launch)
     monkeypatch.setattr("utils.lab.launch", no_launch)  # what lab.run calls
     with pytest.raises(SystemExit) as err:
         lab.main(["--stage", "5"])
