@@ -10,6 +10,7 @@ line reports bad launch input (the message alone, exit status 2).
 """
 
 import argparse
+import ctypes
 import glob
 import os
 import signal
@@ -70,6 +71,15 @@ def kill_self(bad_rank):
     """Rank ``bad_rank`` SIGKILLs itself; the others wait in an all_reduce."""
     if dist.get_rank() == bad_rank:
         os.kill(os.getpid(), signal.SIGKILL)
+    dist.all_reduce(torch.ones(1))
+    return dist.get_rank()
+
+
+def segfault_in_native_code(bad_rank):
+    """Rank ``bad_rank`` reads address 0 from C (a real SIGSEGV, as a bug in an
+    extension would); the others wait in an all_reduce."""
+    if dist.get_rank() == bad_rank:
+        ctypes.string_at(0)
     dist.all_reduce(torch.ones(1))
     return dist.get_rank()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing.forkserver as forkserver
 import multiprocessing.resource_tracker as resource_tracker
+import re
 import time
 from dataclasses import replace
 
@@ -131,6 +132,9 @@ def test_a_size_mismatch_aborts_the_rank_with_the_smaller_buffer(outputs):
         assert (out.error.kind, out.error.rank) == ("killed", cfg.rank)
         assert "SIGABRT" in str(out.error)
         assert "Is there a distributed collective mismatch" in out.text
+        # the rank's faulthandler: the collective it died in, by its Python stack
+        assert "Fatal Python error: Aborted" in out.text
+        assert re.search(r"in all_reduce\n.*in sync_gradients", out.text)
         found = diagnose(out).numbers
         assert found["message_bytes"] > found["receive_bytes"]
 

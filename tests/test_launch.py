@@ -166,6 +166,19 @@ def test_result_the_caller_cannot_unpickle_is_reported():
     assert "OnlyInTheRank" in str(info.value)
 
 
+def test_a_crashed_rank_shows_where_it_crashed(capfd):
+    """A SIGSEGV kills the rank before Python can send a traceback back; its
+    faulthandler prints the Python stack to the rank's stderr, which we forward."""
+    with pytest.raises(LaunchError) as info:
+        launch(w.segfault_in_native_code, 1, world_size=2, timeout=30)
+    assert (info.value.rank, info.value.kind) == (1, "killed")
+    assert "rank 1 was killed by SIGSEGV" in str(info.value)
+    assert "Python stacks are in its stderr above" in str(info.value)
+    err = capfd.readouterr().err
+    assert "Fatal Python error: Segmentation fault" in err
+    assert "segfault_in_native_code" in err  # the function it died in
+
+
 def test_ranks_die_when_the_caller_is_killed():
     """PR_SET_PDEATHSIG: SIGKILL the caller, its fork server and ranks follow."""
     code = (

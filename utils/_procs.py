@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import faulthandler
 import os
 import pickle
 import signal
@@ -195,6 +196,10 @@ def rank_main(
         stream.reconfigure(line_buffering=True)  # progress lines show up promptly
     out.close()
     err.close()
+    # A native crash (SIGSEGV, SIGBUS, SIGFPE, SIGABRT, SIGILL) prints the Python
+    # stack of every thread of the rank to its stderr before it dies, which the
+    # caller shows: where it died, not only that it did.
+    faulthandler.enable(file=sys.stderr, all_threads=True)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -446,6 +451,10 @@ def signal_name(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
+CRASH_SIGNALS = ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGABRT", "SIGILL")
+"""The signals Python's ``faulthandler`` reports (each rank enables it)."""
+
+
 def blame(o: Outcome, stopped, timeout: float, backend: str):
     """(message, rank, kind, ranks) for a failed job: name the rank at fault.
 
@@ -472,6 +481,8 @@ def blame(o: Outcome, stopped, timeout: float, backend: str):
         r, how = own[0], signal_name(o.died[own[0]])
         if how.startswith("SIG"):
             msg = f"rank {r} was killed by {how} without returning a result"
+            if how in CRASH_SIGNALS:
+                msg += " (its threads' Python stacks are in its stderr above)"
         else:
             msg = (
                 f"rank {r} died with {how} without returning a result (it may have "

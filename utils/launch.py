@@ -83,7 +83,9 @@ Failures (``LaunchError``: ``rank`` to blame first, ``ranks`` all of them, ``kin
             ``_procs.GRACE_S`` = 1 s more so every rank can report), the message
             names the rank and carries its full traceback; the others are stopped.
     killed  a rank died without reporting (a signal such as SIGKILL, or os._exit):
-            named with the signal name or exit code.
+            named with the signal name or exit code. Each rank enables Python's
+            ``faulthandler``, so a crash (SIGSEGV, SIGABRT, ...) prints the Python
+            stack of each of its threads to its stderr, which the caller shows.
     hung    a rank never reported. ``timeout`` (seconds) plays two roles: it is the
             collective timeout given to ``init_process_group`` (a rank waiting for a
             peer that never arrives fails after it), and how long the launcher waits
