@@ -156,6 +156,37 @@ def test_plot_memory_per_rank_stacks_measured_and_predicted():
     assert labels == [*CATEGORIES, "predicted (analytic)"]
 
 
+def test_stack_bars_stacks_by_category_in_each_style():
+    from matplotlib.colors import to_rgba
+
+    fig = Figure()
+    ax = fig.add_subplot()
+    values = {"grads": 2.0, "params": 1.0, "other": 3.0}  # order given: ignored
+    assert plots.stack_bars(ax, 0, values, 0.5) == 6.0
+    solid = ax.patches[: len(CATEGORIES)]
+    assert [p.get_y() for p in solid] == [0, 1, 3, 3, 3]  # CATEGORIES order
+    assert [p.get_height() for p in solid] == [1, 2, 0, 0, 3]
+    assert [p.get_facecolor() for p in solid] == [
+        to_rgba(plots.CATEGORY_COLORS[c]) for c in CATEGORIES
+    ]
+    plots.stack_bars(ax, 1, values, 0.5, style="outline")
+    outline = ax.patches[len(CATEGORIES) : 2 * len(CATEGORIES)]
+    assert all(p.get_facecolor() == to_rgba("white") for p in outline)
+    assert outline[1].get_edgecolor() == to_rgba(plots.CATEGORY_COLORS["grads"])
+    assert all(p.get_hatch() == "///" for p in outline)
+    plots.stack_bars(ax, 2, values, 0.5, style="hatched", alpha=0.5)
+    hatched = ax.patches[2 * len(CATEGORIES) :]
+    params = to_rgba(plots.CATEGORY_COLORS["params"])
+    assert hatched[0].get_facecolor()[:3] == params[:3]
+    assert hatched[0].get_edgecolor()[:3] == (1.0, 1.0, 1.0)  # white hatching
+    assert all(p.get_alpha() == 0.5 and p.get_hatch() == "///" for p in hatched)
+    # several positions at once: one height per position, a list of tops back
+    tops = plots.stack_bars(ax, [0, 1], {"params": [1, 2], "grads": [3, 4]}, 0.4)
+    assert tops == [4, 6]
+    with pytest.raises(ValueError, match="style must be one of"):
+        plots.stack_bars(ax, 0, values, 0.5, style="dotted")
+
+
 def test_plot_memory_timeline_one_line_per_rank():
     fig = plots.plot_memory_timeline(reports(), "current", rank=1)
     top, bottom = fig.axes[:2]

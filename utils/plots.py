@@ -71,6 +71,52 @@ class InlineFigure(Figure):
         return figure_png(self)
 
 
+STACK_STYLES = ("solid", "outline", "hatched")
+"""How :func:`stack_bars` draws a category's segment: filled in its colour
+(measured); white with its colour as edge and hatch (a formula, a prediction);
+filled with white hatching (chapter 3's host pool beside the solid device)."""
+
+
+def stack_bars(
+    ax,
+    x,
+    values: Mapping[str, Any],
+    width: float,
+    *,
+    style: str = "solid",
+    hatch: str = "///",
+    **bar_kwargs,
+):
+    """Bars stacked by category on ``ax``, bottom to top in ``CATEGORIES`` order,
+    each segment in the category's colour (:data:`CATEGORY_COLORS`); returns the
+    tops (a number, or a list when ``x`` is a sequence).
+
+    ``x``: a position, or a sequence of positions; ``values``: category -> a
+    height, or a sequence of heights (one per position); a missing category is 0.
+    ``style``: one of :data:`STACK_STYLES`; ``hatch`` its pattern where it has one;
+    ``bar_kwargs`` go to every ``ax.bar`` call and win over the style's (``alpha``,
+    ``edgecolor``, ``linewidth``, ...).
+    """
+    if style not in STACK_STYLES:
+        raise ValueError(f"style must be one of {STACK_STYLES}, got {style!r}")
+    many = hasattr(x, "__len__") and not isinstance(x, str)
+    bottom: Any = [0.0] * len(x) if many else 0.0
+    for cat in CATEGORIES:
+        color = CATEGORY_COLORS[cat]
+        looks = {
+            "solid": dict(color=color),
+            "outline": dict(facecolor="white", edgecolor=color, hatch=hatch),
+            "hatched": dict(color=color, hatch=hatch, edgecolor="white"),
+        }[style]
+        height = values.get(cat, [0.0] * len(x) if many else 0)
+        ax.bar(x, height, width, bottom=bottom, **{**looks, **bar_kwargs})
+        if many:
+            bottom = [b + h for b, h in zip(bottom, height)]
+        else:
+            bottom += height
+    return bottom
+
+
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
@@ -247,17 +293,8 @@ def plot_memory_per_rank(
     width = 0.38 if pred else 0.6
     offset = width / 2 if pred else 0.0
     xs = list(range(len(ranks)))
-    bottom = [0.0] * len(ranks)
-    for cat in CATEGORIES:
-        heights = [b / scale for b in bars[cat]]
-        ax.bar(
-            [x - offset for x in xs],
-            heights,
-            width,
-            bottom=bottom,
-            color=CATEGORY_COLORS[cat],
-        )
-        bottom = [b + h for b, h in zip(bottom, heights)]
+    measured = {c: [b / scale for b in bars[c]] for c in CATEGORIES}
+    stack_bars(ax, [x - offset for x in xs], measured, width)
     for x, total in zip(xs, totals):
         ax.annotate(
             format_bytes(total),
@@ -269,19 +306,8 @@ def plot_memory_per_rank(
             textcoords="offset points",
         )
     if pred:
-        bottom = [0.0] * len(ranks)
-        for cat in CATEGORIES:
-            heights = [p.get(cat, 0) / scale for p in pred]
-            ax.bar(
-                [x + offset for x in xs],
-                heights,
-                width,
-                bottom=bottom,
-                facecolor="white",
-                edgecolor=CATEGORY_COLORS[cat],
-                hatch="///",
-            )
-            bottom = [b + h for b, h in zip(bottom, heights)]
+        formula = {c: [p.get(c, 0) / scale for p in pred] for c in CATEGORIES}
+        stack_bars(ax, [x + offset for x in xs], formula, width, style="outline")
     # Head room for the totals printed above the bars, so they stay inside the axes
     # and clear of the title. Set explicitly: ``ax.margins`` does not work here,
     # since a category with no bytes stacks a zero-height bar on top of each

@@ -33,7 +33,7 @@ from utils.offload.accounting import (
     gpt_block_saved_bytes,
     offload_state_bytes,
 )
-from utils.plots import CATEGORY_COLORS, InlineFigure, byte_scale
+from utils.plots import CATEGORY_COLORS, InlineFigure, byte_scale, stack_bars
 from utils.report import CATEGORIES, format_bytes
 from utils.report import field_of as _get
 
@@ -325,19 +325,9 @@ def draw_pools(
     for i, label in enumerate(labels):
         for j, pool in enumerate(POOLS):
             x = i + (j - 0.5) * 0.4
-            bottom = 0.0
-            for cat in CATEGORIES:
-                v = bars[label][pool].get(cat, 0) / scale
-                ax.bar(
-                    x,
-                    v,
-                    0.38,
-                    bottom=bottom,
-                    color=CATEGORY_COLORS[cat],
-                    hatch="///" if pool == "host" else None,
-                    edgecolor="white" if pool == "host" else None,
-                )
-                bottom += v
+            scaled = {c: b / scale for c, b in bars[label][pool].items()}
+            style = "hatched" if pool == "host" else "solid"
+            bottom = stack_bars(ax, x, scaled, 0.38, style=style)
             mark = pool[0].upper()
             oom = any(_extra(r).out_of_memory for r in runs[label])
             if oom and pool == "device":
@@ -531,21 +521,28 @@ def draw_fits(device_gb: float = V100_GB, host_gb: float = DGX2_HOST_GB):
     return fig
 
 
-def fits_widget():
-    """:func:`draw_fits` with the device and host memory as controls."""
+def fits_widget(live: bool = False):
+    """:func:`draw_fits` with the device and host memory as controls.
+
+    Prerendered by default (5 x 5 figures drawn at build time, so the static page's
+    sliders work without a kernel); ``live=True`` offers more sizes, redrawn by a
+    kernel (a notebook)."""
     import ipywidgets as w
 
     from utils.widgets import interactive_figure
 
+    device = [8, 16, 24, 32, 40, 80, 141] if live else [8, 16, 32, 80, 141]
+    host = [64, 128, 256, 512, 1000, 1500, 2000]
+    if not live:
+        host = [128, 512, 1000, 1500, 2000]
     return interactive_figure(
         draw_fits,
+        prerender=not live,
         device_gb=w.SelectionSlider(
-            options=[8, 16, 24, 32, 40, 80, 141], value=V100_GB, description="device GB"
+            options=device, value=V100_GB, description="device GB"
         ),
         host_gb=w.SelectionSlider(
-            options=[64, 128, 256, 512, 1000, 1500, 2000],
-            value=DGX2_HOST_GB,
-            description="host GB",
+            options=host, value=DGX2_HOST_GB, description="host GB"
         ),
     )
 

@@ -30,7 +30,7 @@ from utils.memory_model import (
     convention_state_bytes,
     model_state_bytes,
 )
-from utils.plots import CATEGORY_COLORS, InlineFigure, byte_scale
+from utils.plots import CATEGORY_COLORS, InlineFigure, byte_scale, stack_bars
 from utils.report import CATEGORIES, format_bytes
 from utils.report import field_of as _get
 
@@ -115,26 +115,6 @@ def measured_after_step(report) -> dict[str, int]:
     return dict(entries[-1]["current"])
 
 
-def _stack(ax, x, values: Mapping[str, float], width, hatch=None):
-    bottom = 0.0
-    for cat in CATEGORIES:
-        v = values.get(cat, 0)
-        if hatch:
-            ax.bar(
-                x,
-                v,
-                width,
-                bottom=bottom,
-                facecolor="white",
-                edgecolor=CATEGORY_COLORS[cat],
-                hatch=hatch,
-            )
-        else:
-            ax.bar(x, v, width, bottom=bottom, color=CATEGORY_COLORS[cat])
-        bottom += v
-    return bottom
-
-
 WIDTH = 6.4
 """Inches: every figure of the chapter, so its text stays legible on a phone."""
 
@@ -162,21 +142,12 @@ def draw_explorer(
     for s in STAGE_NAMES:
         bars = explorer_bars(round(num_params), world_size, s, convention)
         scaled = {c: v / GB for c, v in bars.items()}
-        bottom = 0.0
-        for cat in CATEGORIES:
-            v = scaled.get(cat, 0)
-            ax.bar(
-                s,
-                v,
-                0.62,
-                bottom=bottom,
-                color=CATEGORY_COLORS[cat],
-                alpha=1.0 if s == stage else 0.35,
-                edgecolor="black" if s == stage else "none",
-                linewidth=1.0,
-            )
-            bottom += v
-        totals.append(bottom)
+        chosen = s == stage
+        height = stack_bars(
+            ax, s, scaled, 0.62, alpha=1.0 if chosen else 0.35,
+            edgecolor="black" if chosen else "none", linewidth=1.0,
+        )  # fmt: skip
+        totals.append(height)
     top = max(max(totals), GPU_GB)
     for s, total in zip(STAGE_NAMES, totals):
         fits = "fits" if total <= GPU_GB else "too big"
@@ -231,8 +202,9 @@ def _draw_measured(ax, reports, stage: int) -> None:
     top = max(sum(v.values()) for v in values + [formula])
     scale, unit = byte_scale(top)
     for x, v in enumerate(values):
-        _stack(ax, x - 0.2, {c: b / scale for c, b in v.items()}, 0.38)
-        _stack(ax, x + 0.2, {c: b / scale for c, b in formula.items()}, 0.38, "///")
+        stack_bars(ax, x - 0.2, {c: b / scale for c, b in v.items()}, 0.38)
+        scaled = {c: b / scale for c, b in formula.items()}
+        stack_bars(ax, x + 0.2, scaled, 0.38, style="outline")
     ax.set_xticks(range(len(ranks)), [f"rank {_get(r, 'rank')}" for r in ranks])
     ax.tick_params(axis="x", labelsize=9)
     ax.set_ylim(0, 1.15 * top / scale)
@@ -552,7 +524,7 @@ def draw_stage3_timeline(reports: Sequence[Any], rank: int = 0, step: int = -1):
     fig = InlineFigure(figsize=(9, 4.2), layout="constrained")
     ax = fig.add_subplot()
     for x, e in enumerate(events):
-        _stack(ax, x, {c: b / scale for c, b in e["current"].items()}, 0.8)
+        stack_bars(ax, x, {c: b / scale for c, b in e["current"].items()}, 0.8)
     backward = [x for x, e in enumerate(events) if e["phase"] == "backward"]
     if backward:
         ax.axvspan(backward[0] - 0.5, len(events) - 0.5, color="#eeeeee", zorder=0)
@@ -637,7 +609,8 @@ def draw_beyond_formula(rows: Sequence[Mapping[str, Any]]):
     fig = InlineFigure(figsize=(8, 4), layout="constrained")
     ax = fig.add_subplot()
     for x, r in enumerate(rows):
-        height = _stack(ax, x - 0.2, {c: b / scale for c, b in r["peak"].items()}, 0.38)
+        peak = {c: b / scale for c, b in r["peak"].items()}
+        height = stack_bars(ax, x - 0.2, peak, 0.38)
         ax.bar(
             x + 0.2,
             r["formula"] / scale,
