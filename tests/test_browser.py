@@ -492,3 +492,35 @@ def test_explorers_on_book_pages_answer_every_control(browser):
         assert result["explorers"] > 0, f"{rel}: no explorer started"
         dead = [c for c in result["changes"] if not c["changed"]]
         assert result["changes"] and not dead, f"{rel}: controls with no effect: {dead}"
+
+
+CONTROLS = {
+    "DropdownModel", "ToggleButtonsModel", "SelectionSliderModel", "IntSliderModel",
+    "FloatSliderModel", "FloatLogSliderModel", "CheckboxModel", "IntTextModel",
+    "FloatTextModel", "BoundedIntTextModel", "BoundedFloatTextModel",
+}  # fmt: skip
+
+
+def test_no_widget_control_is_dead_in_the_static_page():
+    """A control the static page shows must do something there: every control in
+    a page's saved widget state is linked in the browser (``jslink`` to a Stack of
+    prerendered figures); Python callbacks cannot run without a kernel."""
+    if not chapter_pages():
+        skip_or_fail(f"no book in {BOOK}: run `make book` first")
+    dead = []
+    for page in book_pages():
+        state = widget_state(page)
+        linked = {
+            end[0].removeprefix("IPY_MODEL_")
+            for m in state.values()
+            if m["model_name"] in ("LinkModel", "DirectionalLinkModel")
+            for end in (m["state"].get("source"), m["state"].get("target"))
+            if end
+        }
+        dead += [
+            f"{page.relative_to(BOOK)}: {m['model_name']} "
+            f"{m['state'].get('description')!r}"
+            for key, m in state.items()
+            if m["model_name"] in CONTROLS and key not in linked
+        ]
+    assert not dead, "controls that do nothing without a kernel:\n" + "\n".join(dead)
