@@ -55,7 +55,6 @@ from utils import lab
 from utils.checks import check_bool, check_int, check_number
 from utils.cli import LabConfig, progress, run_from_cli
 from utils.comm import CommMeter
-from utils.launch import launch
 from utils.memory import MemoryTracker
 from utils.models import GPT, GPTConfig, count_params, gpt_batch, shard_batch
 from utils.offload.accounting import MODES, bytes_moved, offload_state_bytes
@@ -526,20 +525,7 @@ def run(cfg: Config) -> list[RankReport]:
 def run_many(cfgs: list[Config]) -> list[list[RankReport]]:
     """Several configurations (same world size) in one launch: rank reports each.
     A run that ran out of device memory comes back with ``out_of_memory`` set."""
-    sizes = {c.world_size for c in cfgs}
-    if len(sizes) != 1:
-        raise ValueError(f"run_many needs one world size, got {sorted(sizes)}")
-    for cfg in cfgs:
-        lab.check_memory(cfg)
-    per_rank = launch(
-        worker_many, cfgs, world_size=sizes.pop(), backend=cfgs[0].backend
-    )
-    return [list(reports) for reports in zip(*per_rank)]
-
-
-def worker_many(cfgs: list[Config]) -> list[RankReport]:
-    """:func:`worker` for each configuration in turn, inside one set of ranks."""
-    return [worker(c) for c in cfgs]
+    return lab.run_many(worker, cfgs)
 
 
 def describe(reports) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import torch
 import torch.distributed as dist
@@ -10,6 +11,7 @@ from torch.nn import functional as F
 
 from labs.offload import Config, build_model, worker
 from utils.models import MLP, gpt_batch, mlp_batch, shard_batch
+from utils.offload.adam import HostAdamW
 from utils.offload.optim import OffloadOptimizer
 from utils.offload.transfer import Transfers
 
@@ -88,6 +90,76 @@ def pieces() -> dict:
     return out
 
 
-def lab_and_pieces(cfgs: list[Config]) -> tuple[list, dict]:
-    """The lab for each configuration, then the pieces."""
-    return [worker(c) for c in cfgs], pieces()
+class _GatedAdamW(HostAdamW):
+    """HostAdamW that notes the thread of each step and, while ``gate`` is shut,
+    waits at the start of the step (so a test holds an update in flight)."""
+
+    def __init__(self, params, *, gate, started, threads, **kwargs):
+        super().__init__(params, **kwargs)
+        self.gate, self.started, self.threads = gate, started, threads
+
+    def step(self, closure=None):
+        self.threads.append(threading.get_ident())
+        self.started.set()
+        if not self.gate.wait(timeout=60):
+            raise TimeoutError("the gate of _GatedAdamW never opened")
+        return super().step(closure)
+
+
+def delayed_thread() -> dict:
+    """OffloadOptimizer(delayed_update=True): which thread ran each host update,
+    and whether the thread changed what the calling thread's memory ledger reads
+    at a mark (the masters' ``.grad``, the wrapped optimizer's state tensors).
+    Deterministic: the second update is held at a gate while we look."""
+    gate, started, threads = threading.Event(), threading.Event(), []
+    gate.set()
+    model = MLP((16, 24, 16), seed=3)
+    opt = OffloadOptimizer(
+        model.parameters(), _GatedAdamW, delayed_update=True, bucket_numel=200,
+        lr=1e-2, gate=gate, started=started, threads=threads,
+    )  # fmt: skip
+    masters = [b.master for b in opt.buckets]
+
+    def backward(step):
+        x, y = mlp_batch((16, 16), 8, seed=1, step=step)
+        F.mse_loss(model(x), y).backward()
+
+    def state_tensors():
+        return {
+            (id(p), k, id(v))
+            for p, s in opt.state.items()
+            for k, v in s.items()
+            if isinstance(v, torch.Tensor)
+        }
+
+    out = {"main": threading.get_ident(), "buckets": len(masters)}
+    backward(0)
+    opt.step()  # the first update: it creates the state
+    opt.zero_grad()
+    out["first"] = dict(
+        grads_none=[m.grad is None for m in masters], states=len(opt.state)
+    )
+    backward(1)
+    gate.clear()
+    started.clear()
+    opt.step()  # the second: in flight, held at the gate
+    out["held"] = started.wait(timeout=60)
+    grads, state = [m.grad for m in masters], state_tensors()
+    gate.set()
+    if opt._worker is not None:  # wait for the update itself, not for step()
+        opt._worker.join()
+    out["in_flight"] = dict(
+        grads_set=[g is not None for g in grads],
+        same_grads=[m.grad is g for m, g in zip(masters, grads)],
+        same_state=state_tensors() == state,
+    )
+    opt.finish()
+    out["finished_grads_none"] = [m.grad is None for m in masters]
+    out["threads"] = threads
+    return out
+
+
+def lab_and_pieces(cfgs: list[Config]) -> tuple[list, dict, dict]:
+    """The lab for each configuration, then the pieces, then the delayed update's
+    thread."""
+    return [worker(c) for c in cfgs], pieces(), delayed_thread()

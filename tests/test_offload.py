@@ -16,6 +16,7 @@ import json
 import pickle
 import threading
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ import torch
 import labs.offload as lab
 from labs.offload import IMPLS, PRECISIONS, TINY, TORCH_MODES, Config, check_fits
 from tests import _offload_workers
+from utils.lab import each
 from utils.launch import launch
 from utils.memory import MemoryTracker, current_placement, placement
 from utils.models import MLP
@@ -64,13 +66,24 @@ def _launch(fn, cfgs, world_size):
     return launch(fn, cfgs, world_size=world_size, backend="gloo", timeout=120)
 
 
+def _lab(cfgs, world_size):
+    """The lab's worker for each configuration in one launch: results per rank."""
+    return _launch(partial(each, lab.worker), cfgs, world_size)
+
+
 @pytest.fixture(scope="module")
-def two():
-    """World size 2: every mode, both impls and precisions; the pieces."""
+def two_ranks():
+    """World size 2, one launch: every mode, both impls and precisions; the
+    pieces; the delayed update's thread (each rank's results)."""
+    return _launch(_offload_workers.lab_and_pieces, SCRATCH + TORCH + DELAYED, 2)
+
+
+@pytest.fixture(scope="module")
+def two(two_ranks):
+    """World size 2: {mode key: reports per rank}, and rank 0's pieces."""
     cfgs = SCRATCH + TORCH + DELAYED
-    per_rank = _launch(_offload_workers.lab_and_pieces, cfgs, 2)
-    runs = {_key(c): [r[0][k] for r in per_rank] for k, c in enumerate(cfgs)}
-    return runs, per_rank[0][1]
+    runs = {_key(c): [r[0][k] for r in two_ranks] for k, c in enumerate(cfgs)}
+    return runs, two_ranks[0][1]
 
 
 def by_mode(runs, delayed=False):
@@ -88,11 +101,11 @@ ONE = [
 def one():
     """World size 1 (the paper's single GPU), then the same runs under a device
     budget between the offload mode's peak and no offload's."""
-    first = _launch(lab.worker_many, ONE, 1)[0]
+    first = _lab(ONE, 1)[0]
     peaks = {c.offload: figures.peak_of(r) for c, r in zip(ONE, first)}
     budget = (peaks["none"] + peaks["optimizer+grads"]) / 2 / lab.MIB
     budgeted = [replace(c, device_mem_mb=budget) for c in ONE[:2]]
-    second = _launch(lab.worker_many, budgeted, 1)[0]
+    second = _lab(budgeted, 1)[0]
     runs = {c.offload: r for c, r in zip(ONE, first)}
     return runs, dict(zip(("none", "optimizer+grads"), second)), peaks
 
@@ -102,7 +115,7 @@ def four():
     """World size 4, fp32: ZeRO-3 (params) against ZeRO-2 (none): four
     contributions per element, summed in another order."""
     cfgs = [replace(BASE, offload=m, precision="fp32") for m in ("none", "params")]
-    per_rank = _launch(lab.worker_many, cfgs, 4)
+    per_rank = _lab(cfgs, 4)
     return {c.offload: [r[k] for r in per_rank] for k, c in enumerate(cfgs)}
 
 
@@ -178,6 +191,28 @@ def test_delayed_update_is_a_one_step_delayed_adam(two):
         torch.testing.assert_close(got[k], v.reshape(-1), msg=k)
     # the host update of step k runs while step k + 1 computes: timed from step 2
     assert all(t["host_update"] > 0 for t in ranks[0].extra.times_per_step[1:])
+
+
+def test_delayed_update_thread_writes_tensor_data_only(two_ranks):
+    """While the host update is in flight the calling thread's ledger reads the
+    masters' ``.grad`` and the optimizer's state at every mark, and torch's
+    ``.grad`` is not safe to set in one thread while another reads it (a
+    ``master.grad = None`` in the thread during such a read killed a rank by
+    SIGSEGV, now and then). So: the first update (it creates the state) runs in
+    the calling thread; the later ones in a thread that leaves ``.grad`` and the
+    state's tensors as they were; the calling thread drops the gradients after
+    joining it. Checked with an update held in flight at a gate, not by timing."""
+    for rank in two_ranks:
+        seen = rank[2]
+        n = seen["buckets"]
+        assert n >= 2 and seen["held"]
+        assert seen["threads"][0] == seen["main"]  # the first update: here
+        assert seen["threads"][1] != seen["main"]  # the second: overlapped
+        assert seen["first"] == dict(grads_none=[True] * n, states=n)
+        assert seen["in_flight"] == dict(
+            grads_set=[True] * n, same_grads=[True] * n, same_state=True
+        )
+        assert seen["finished_grads_none"] == [True] * n
 
 
 # ----------------------------------------------------------- memory: the formulas
@@ -301,8 +336,9 @@ def test_activations_per_block_follow_the_formulas(two):
     """From the second block on, each block adds (measured, rank 0): without a
     policy, what it saves (``gpt_block_saved_bytes``: Korthikanti et al.'s 34sbh
     less the dropout masks, with flash attention); recomputed, only its input
-    (sbh elements: Table 2's full recompute); offloaded, nothing on the device
-    and what it saves on the host. Gradients are unchanged (bit-equal, above)."""
+    (sbh elements: Table 2's "full activation recomputation"); offloaded, nothing
+    on the device and what it saves on the host. Gradients are unchanged
+    (bit-equal, above)."""
     rows = figures.activation_rows(by_mode(two[0]))
     rows = {(r["mode"], r["precision"], r["impl"]): r for r in rows}
     for prec in PRECISIONS:
@@ -507,6 +543,23 @@ def test_paper_13b_example_and_fits_sweep():
     assert fig.get_size_inches()[0] <= 6.4
 
 
+def test_fits_widget_prerenders_every_choice_for_the_static_book():
+    """The static page's sliders switch between figures drawn at build time (a
+    kernel-less page cannot redraw); the default is the paper's V100 in a DGX-2."""
+    widget = figures.fits_widget()
+    assert widget.values() == {"device_gb": figures.V100_GB, "host_gb": 1500}
+    devices = widget.controls["device_gb"].options
+    hosts = widget.controls["host_gb"].options
+    assert len(widget.figure.children) == len(devices)  # a Stack per device size
+    for stack in widget.figure.children:
+        assert len(stack.children) == len(hosts)  # ... of one figure per host size
+    assert len(widget.links) == 1 + len(devices)  # every control drives its Stacks
+    live = figures.fits_widget(live=True)
+    assert len(live.controls["device_gb"].options) > len(devices)
+    live.controls["host_gb"].value = 64  # redraws in a kernel without raising
+    assert live.figure.outputs[0]["output_type"] == "display_data"
+
+
 def test_figures_draw_from_the_lab_reports(two, one):
     runs = by_mode(two[0])
     labelled = {m: runs[(m, "mixed", "scratch")] for m in MODES}
@@ -634,7 +687,6 @@ def test_cli_error_comes_before_any_process(monkeypatch):
     def no_launch(*args, **kwargs):
         raise AssertionError("launch must not be called")
 
-    monkeypatch.setattr(lab, "launch", no_launch)
     monkeypatch.setattr("utils.lab.launch", no_launch)
     with pytest.raises(SystemExit) as err:
         lab.main(["--offload", "gpu"])

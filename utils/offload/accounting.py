@@ -24,8 +24,9 @@ ZeRO-Offload's 16 Psi -> 2 Psi on the GPU and 14 Psi on the CPU, 4 Psi moved
 (Ren et al. 2021, sections 3.3-3.4); its Table 1 prints "4M" for this row beside
 an "8x" reduction, and 16M / 8 = 2M (:func:`paper_table1`).
 
-Activations per layer (Korthikanti et al. 2022, Table 2; what ``recompute`` keeps is
-the "full recompute" row, 2sbh bytes per layer at 2 bytes an element):
+Activations per layer (Korthikanti et al. 2022, section 4.1 and Table 2; what
+``recompute`` keeps is Table 2's "full activation recomputation" row, 2sbh bytes per
+layer at 2 bytes an element):
 :func:`layer_activation_bytes`. Time: :func:`offload_seconds` and
 :func:`recompute_seconds` for the choice between the two (exercise 3.3).
 """
@@ -158,7 +159,8 @@ def layer_activation_bytes(
 ) -> dict[str, int]:
     """Device and host activation bytes one transformer layer keeps in forward.
 
-    Korthikanti et al. 2022, Table 2 (no parallelism), for 16-bit activations and
+    Korthikanti et al. 2022, section 4.1 and Table 2 ("no parallelism" and "full
+    activation recomputation" rows), for 16-bit activations and
     1-byte dropout masks: sbh(34 + 5as/h) with no recompute, 2sbh with full
     recompute (the layer's input). ``policy``: "none" keeps it all on the device;
     "recompute" keeps 2sbh; "offload" keeps it all on the host. Scaled by

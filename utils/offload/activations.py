@@ -3,7 +3,7 @@
 Part of chapter 3 ("CPU offloading"). What backward needs from forward (the saved
 activations) is most of a transformer's memory at any real batch (Korthikanti et
 al., "Reducing Activation Recomputation in Large Transformer Models", 2022, section
-4: sbh(34 + 5as/h) bytes per layer in 16-bit). Two ways to keep it off the device:
+4.1: sbh(34 + 5as/h) bytes per layer in 16-bit). Two ways to keep it off the device:
 
 * **offload**: each saved tensor is copied to the host when forward saves it and
   back when backward needs it (``torch.autograd.graph.save_on_cpu``): device memory
@@ -11,8 +11,8 @@ al., "Reducing Activation Recomputation in Large Transformer Models", 2022, sect
 * **recompute** (activation checkpointing, Chen et al., "Training Deep Nets with
   Sublinear Memory Cost", 2016; ``torch.utils.checkpoint``): a layer keeps only
   its input, and backward runs its forward again to get the rest: Korthikanti et
-  al.'s "full recompute", 2sbh bytes per layer (Table 2), for one more forward of
-  the layer per step.
+  al.'s "full activation recomputation", 2sbh bytes per layer (Table 2), for one
+  more forward of the layer per step.
 
 :func:`apply_activations` applies one to each *unit* of a model (by default each
 layer: ``utils.zero.fsdp.default_units``), by wrapping the unit's ``forward`` (the

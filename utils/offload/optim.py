@@ -50,6 +50,20 @@ starts the next. The parameters therefore trail by one step; :meth:`finish` wait
 for and applies the last update. The paper turns it on only after some warm-up
 steps, once the gradients change slowly; ``warmup_steps`` does that here.
 
+What the thread may touch. While it runs, the calling thread goes on with forward
+and backward, and whoever watches the optimizer (the memory ledger, at every
+``mark``) reads the masters, their ``.grad`` and the wrapped optimizer's state.
+torch does not make ``tensor.grad`` safe to set in one thread while another reads
+it: ``master.grad = None`` in the thread during the ledger's ``master.grad`` in the
+main one killed a rank by SIGSEGV. So the thread writes tensor data only (the
+masters and the states, in place, and its own 16-bit copies): the calling thread
+sets the masters' fp32 ``.grad`` before starting it and drops them after joining
+it (so they live while the update that reads them is in flight), and the first
+host update, which creates the wrapped optimizer's state (new dict entries and
+tensors), runs in the calling thread; it is still published one step late, so the
+arithmetic is the same. A wrapped optimizer must, after its first step, only
+update its state in place (torch's elementwise optimizers do).
+
 ``track(category, tensor, pool=...)`` (``MemoryTracker.assign``) is told about
 every buffer made here, with ``pool="host"`` for the host ones.
 """
@@ -153,6 +167,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         self._steps = 0
         self._worker: threading.Thread | None = None
         self._worker_error: BaseException | None = None
+        self._host_updates = 0  # host updates so far (the first is not threaded)
         self.host_step_seconds = 0.0
         """Measured seconds of the last host update (in the worker when delayed)."""
 
@@ -238,16 +253,19 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 b.host_grad = self.transfers.to_host(b.grad_shard)
         self.transfers.synchronize()  # every gradient copy has landed
         self._steps += 1
-        if self.delayed_update and self._steps > self.warmup_steps:
-            self._publish_pending()  # the update of the last step, computed meanwhile
-            self._set_master_grads()
-            self._worker = threading.Thread(target=self._host_step, daemon=True)
+        delay = self.delayed_update and self._steps > self.warmup_steps
+        self._publish_pending()  # the update of the last step, computed meanwhile
+        self._set_master_grads()
+        if delay and self._host_updates:  # in a thread: touches tensor data only
+            self._worker = threading.Thread(
+                target=self._host_step, kwargs=dict(in_thread=True), daemon=True
+            )
             self._worker.start()
-        else:
-            self._publish_pending()
-            self._set_master_grads()
+        else:  # here; the first update creates the state (read by the ledger)
             self._host_step()
-            self._publish_pending()
+            self._join_update()  # raises what the update raised
+            if not delay:
+                self._publish_pending()
         if not self.offload_grads:
             for b in self.buckets:
                 b.host_grad = None  # the host copy was the step's input only
@@ -259,27 +277,41 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 g = b.host_grad
                 b.master.grad = g.to(self.master_dtype, copy=True)
 
-    def _host_step(self) -> None:
-        """The update on the host, then the masters rounded to 16 bits there."""
+    def _host_step(self, in_thread: bool = False) -> None:
+        """The update on the host, then the masters rounded to 16 bits there.
+        ``in_thread``: it runs beside the calling thread, so it leaves the masters'
+        ``.grad`` to :meth:`_join_update` (see the module docstring)."""
         start = time.perf_counter()
         try:
             with placement("host"):
                 self.optim.step()
+                if not in_thread:
+                    self._drop_master_grads()  # before the 16-bit copies exist
                 for b in self.buckets:
-                    b.master.grad = None  # the fp32 copy was workspace
                     b.staged = b.master.to(b.flat.dtype)  # float2half, on the CPU
         except BaseException as err:  # a worker thread's error surfaces in step()
             self._worker_error = err
+        self._host_updates += 1
         self.host_step_seconds = time.perf_counter() - start
 
-    def _publish_pending(self) -> None:
-        """Wait for an update in flight; copy its 16-bit slices up and all-gather."""
+    def _drop_master_grads(self) -> None:
+        for b in self.buckets:
+            b.master.grad = None  # the fp32 copy was workspace
+
+    def _join_update(self) -> None:
+        """Wait for an update in flight (in the calling thread, the only one that
+        sets ``.grad``), drop the gradients it read, raise what it raised."""
         if self._worker is not None:
             self._worker.join()
             self._worker = None
+            self._drop_master_grads()
         if self._worker_error is not None:
             err, self._worker_error = self._worker_error, None
             raise err
+
+    def _publish_pending(self) -> None:
+        """Wait for an update in flight; copy its 16-bit slices up and all-gather."""
+        self._join_update()
         for b in self.buckets:
             if b.staged is None:
                 continue
@@ -303,6 +335,12 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 b.grad_shard.zero_()
             for p in b.params:
                 p.grad = None
+
+    def state_dict(self) -> dict:
+        """This rank's slice of the state; waits for an update in flight (which
+        writes the states in place) without publishing it."""
+        self._join_update()
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load this rank's slice of the state (what ``state_dict()`` saved here)."""
