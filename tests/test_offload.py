@@ -194,12 +194,12 @@ def test_delayed_update_is_a_one_step_delayed_adam(two):
 
 
 def test_delayed_update_thread_writes_tensor_data_only(two_ranks):
-    """While the host update is in flight the calling thread's ledger reads the
-    masters' ``.grad`` and the optimizer's state at every mark (when the thread
-    set ``master.grad = None`` itself, a rank died by SIGSEGV in such a read now
-    and then: see ``utils.offload.optim``). So: the first update (it creates the state) runs in
-    the calling thread; the later ones in a thread that leaves ``.grad`` and the
-    state's tensors as they were; the calling thread drops the gradients after
+    """While the host update is in flight the calling thread's ledger reads the masters'
+    ``.grad`` and the optimizer's state at every mark (when the thread set
+    ``master.grad = None`` itself, a rank died by SIGSEGV in such a read now and
+    then: see ``utils.offload.optim``). So: the first update (it creates the state)
+    runs in the calling thread; the later ones in a thread that leaves ``.grad`` and
+    the state's tensors as they were; the calling thread drops the gradients after
     joining it. Checked with an update held in flight at a gate, not by timing."""
     for rank in two_ranks:
         seen = rank[2]
