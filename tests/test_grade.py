@@ -62,10 +62,33 @@ def test_each_exercise_of_the_chapter_is_read(chapter):
         assert e.solution.strip()
         if e.path_var:  # the file the chapter tells the learner to write
             assert files[e.path_var] == e.answer
-            assert e.driver and f"({e.path_var}" in e.driver
+            assert e.driver and f"({e.solution_var}" in e.driver
         else:
             assert e.answer == f"{chapter}_{e.number.replace('.', '_')}.py"
             ast.parse(e.solution)
+
+
+def test_the_solutions_never_write_the_learners_files(tmp_path, monkeypatch):
+    """Running a whole chapter (``make book``, Run all) runs its solutions: each
+    writes ``solution_file(name)``, in a folder of its own, so the learner's answer
+    survives and ``make check`` grades only what the learner wrote. A solution that
+    writes the learner's file is refused when the chapter is read."""
+    from utils import exercises
+
+    for chapter in CHAPTERS:
+        for e in grade.exercises(chapter):
+            if e.path_var:
+                assert e.solution_var not in (None, e.path_var), e.number
+    monkeypatch.setattr(exercises, "EXERCISE_DIR", tmp_path / "answers")
+    monkeypatch.setattr(exercises, "SOLUTION_DIR", tmp_path / "answers" / "own")
+    mine, theirs = exercises.exercise_file("a.py"), exercises.solution_file("a.py")
+    assert mine.parent == tmp_path / "answers" and theirs.parent.name == "own"
+    text = grade.chapters()["zero"].read_text()
+    page = tmp_path / "02-zero.md"
+    page.write_text(text.replace("%%writefile {solution}", "%%writefile {path}", 1))
+    monkeypatch.setattr(grade, "chapters", lambda: {"zero": page})
+    with pytest.raises(ValueError, match="writes the learner's zero1_step.py"):
+        grade.exercises("zero")
 
 
 def test_the_lab_runs_are_the_chapters():

@@ -54,6 +54,23 @@ def exercise_file(name: str) -> Path:
     return EXERCISE_DIR / name
 
 
+SOLUTION_DIR = EXERCISE_DIR / "solutions"
+"""Where the chapters' own solutions write their files: beside the learner's, never
+over them, so running a whole chapter (``make book``, Run all) leaves every answer
+as the learner wrote it and ``make check`` grades only what the learner wrote."""
+
+
+def solution_file(name: str) -> Path:
+    """The path a chapter's solution writes ``name`` to (not the learner's file)."""
+    exercise_file(name)  # the name and the private parent folder, checked
+    try:
+        SOLUTION_DIR.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    _private(SOLUTION_DIR, "solutions folder")
+    return SOLUTION_DIR / name
+
+
 def load_function(path, name: str):
     """The function ``name`` defined in the Python file ``path``.
 

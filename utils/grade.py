@@ -15,7 +15,10 @@ notebook cell that ends with the check the exercise shows
 a file of the same folder named ``<chapter>_<number>.py`` (``zero_2_1.py``: with
 ``p = exercise_file("zero_2_1.py")``, ``%%writefile {p}`` atop the cell, then
 ``%run -i {p}``).
-``--answers DIR`` reads the files from ``DIR`` instead.
+``--answers DIR`` reads the files from ``DIR`` instead. The chapters' own solutions
+write ``solution_file(name)`` (``EXERCISE_DIR/solutions``), so running a whole
+chapter never overwrites an answer, and a chapter whose solution writes the
+learner's file is refused (:func:`exercises`).
 
 **What an exercise is** is read from its chapter (:func:`exercises`): each
 ``{exercise-start}`` block, its ``exercise_file`` name if it has one, and the
@@ -86,6 +89,7 @@ class Exercise:
     title: str
     answer: str  # the answer file's name in the answers folder
     path_var: str | None  # file exercises: the chapter's variable for that path
+    solution_var: str | None  # ... and its solution's, for solution_file's path
     checks: tuple[str, ...]  # the check functions the solution calls, in order
     driver: str | None  # file exercises: the solution's cells that call the check
     solution: str  # the answer file the chapter's solution amounts to
@@ -104,6 +108,9 @@ _SOLUTION = re.compile(
 _CELL = re.compile(r"^```\{code-cell\}[^\n]*\n(?P<body>.*?)^```[ \t]*$", re.M | re.S)
 _OPTION = re.compile(r"^:[\w-]+:.*$")
 _EXERCISE_FILE = re.compile(r"(\w+) = exercise_file\([\"']([^\"']+)[\"']\)")
+_SOLUTION_FILE = re.compile(
+    r"(\w+) = solution_file\([\"']([^\"']+)[\"']\)[ \t]*(#[^\n]*)?", re.S
+)
 _WRITEFILE = re.compile(r"%%writefile \{(\w+)\}")
 _CHECK = re.compile(r"\b(check_\w+)\(")
 
@@ -142,8 +149,11 @@ def exercises(chapter: str) -> list[Exercise]:
         if label not in solutions:
             raise ValueError(f"{chapter} {number}: no {{solution-start}} {label}")
         files = _EXERCISE_FILE.findall(" ".join(_cells(match.group("body"))))
-        written, driver = {}, []
+        written, driver, own = {}, [], {}
         for cell in _cells(solutions[label]):
+            if _SOLUTION_FILE.fullmatch(cell.strip()):
+                own.update([_SOLUTION_FILE.fullmatch(cell.strip()).groups()[:2]])
+                continue
             head, _, rest = cell.partition("\n")
             target = _WRITEFILE.fullmatch(head.strip())
             if target:
@@ -154,8 +164,17 @@ def exercises(chapter: str) -> list[Exercise]:
         if not checks:
             continue  # discussed, not checked
         var, name = files[0] if files else (None, None)
-        if var and var not in written:
-            raise ValueError(f"{chapter} {number}: no %%writefile {{{var}}} cell")
+        if var and var in written:
+            raise ValueError(
+                f"{chapter} {number}: the solution writes the learner's {name} "
+                f"(%%writefile {{{var}}}); write solution_file({name!r}) instead"
+            )
+        solution_var = next((v for v, n in own.items() if n == name), None)
+        if var and solution_var not in written:
+            raise ValueError(
+                f"{chapter} {number}: no solution_file({name!r}) cell and "
+                "%%writefile of it in the solution"
+            )
         code = "\n".join(driver)
         out.append(
             Exercise(
@@ -164,9 +183,10 @@ def exercises(chapter: str) -> list[Exercise]:
                 title=match.group("title"),
                 answer=name or f"{chapter}_{number.replace('.', '_')}.py",
                 path_var=var,
+                solution_var=solution_var,
                 checks=checks,
                 driver=code if var else None,
-                solution=written[var] if var else code,
+                solution=written[solution_var] if var else code,
             )
         )
     return out
@@ -281,7 +301,7 @@ def grade(exercise: Exercise, answers: Path, run_checks: bool = True) -> list:
     needs = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     ns = _namespace(exercise.chapter, needs)
     if exercise.path_var:
-        ns[exercise.path_var] = str(path)
+        ns[exercise.path_var] = ns[exercise.solution_var] = str(path)
     module = importlib.import_module(f"utils.{exercise.chapter}.exercises")
     with _recording(module, exercise.checks, ns) as (calls, real):
         exec(compile(tree, str(where), "exec"), ns)
