@@ -41,9 +41,11 @@ with the modelled PCIe time beside them. torch's pieces make no copy on CPU
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -158,8 +160,8 @@ class Config(LabConfig):
 
     @property
     def device_budget(self) -> int | None:
-        """The budget in bytes, or None."""
-        return int(self.device_mem_mb * MIB) or None
+        """The budget in bytes (rounded up: any positive budget is one), or None."""
+        return math.ceil(self.device_mem_mb * MIB) or None
 
     def gpt(self) -> GPTConfig:
         return GPTConfig(d_model=self.d_model, n_layers=self.n_layers, n_heads=4)
@@ -344,13 +346,18 @@ class _StepTimes:
 
 
 def _full_params(model, cfg) -> dict:
+    """Every parameter whole, as the model computes with it: bf16 in mixed precision.
+    The course's other modes keep bf16 parameters (fp32 masters in the optimizer),
+    while ZeRO-3 and FSDP2 hand back their fp32 masters: round those, to compare like
+    with like."""
+    dtype = torch.bfloat16 if cfg.precision == "mixed" else torch.float32
     if cfg.impl == "scratch" and cfg.offload == "params":
         state = model.full_state_dict()
     elif cfg.impl == "torch":
         state = full_state(model)
     else:
         state = model.state_dict()
-    return {k: v.float().cpu().reshape(-1).tolist() for k, v in state.items()}
+    return {k: v.to(dtype).float().cpu().reshape(-1).tolist() for k, v in state.items()}
 
 
 def worker(cfg: Config) -> RankReport:
@@ -424,8 +431,9 @@ def worker(cfg: Config) -> RankReport:
                 opt.finish()  # a delayed update still in flight
                 if mem is not None:
                     mem.mark("finish")
-    except torch.OutOfMemoryError as err:  # every rank runs out at the same point
+    except torch.OutOfMemoryError as err:
         oom = str(err)
+        _every_rank_ran_out(err)
     params = None
     if cfg.return_params and oom is None:
         params = _full_params(model, cfg)
@@ -473,6 +481,36 @@ def worker(cfg: Config) -> RankReport:
             params=params,
         ),
     )
+
+
+OOM_WAIT_S = 10.0
+"""How long a rank that ran out of device memory waits for the others to do so."""
+_ooms = 0  # out-of-memory events so far in this process: one store key each
+
+
+def _every_rank_ran_out(err: torch.OutOfMemoryError) -> None:
+    """Return if every rank ran out of device memory (the symmetric runs of the
+    chapter run out at the same op, and each then reports it). A rank that ran out
+    alone would leave the others blocked in a collective it never joins, so it
+    raises, with the out-of-memory message, and the launcher stops the rest. The
+    ranks count themselves in the rendezvous store, not by a collective: the
+    blocked ones are inside one."""
+    global _ooms
+    _ooms += 1
+    world = dist.get_world_size()
+    if world == 1:
+        return
+    store, key = dist.distributed_c10d._get_default_store(), f"course/oom/{_ooms}"
+    arrived, deadline = store.add(key, 1), time.monotonic() + OOM_WAIT_S
+    while arrived < world and time.monotonic() < deadline:
+        time.sleep(0.05)
+        arrived = store.add(key, 0)
+    if arrived < world:
+        raise torch.OutOfMemoryError(
+            f"rank {dist.get_rank()}: {err} ({world - arrived} of {world} ranks did "
+            f"not run out of memory at the same point within {OOM_WAIT_S:g} s, so "
+            "the run stops)"
+        )
 
 
 def _times(seconds: dict, marks: dict, counted: dict, opt) -> dict:

@@ -14,9 +14,10 @@ tensor) by arranging the work the same way:
   temporary the size of the model is allocated (torch's ``foreach`` Adam makes
   several of the whole parameter list per step);
 * it walks each buffer in tiles of ``tile_numel`` elements, doing all five
-  operations on a tile while it is still in cache, as DeepSpeed's ``Step_AVX``
-  (``csrc/includes/cpu_adam.h``) loops over ``TILE``-sized chunks, each an
-  OpenMP-parallel loop of SIMD loads, fused multiply-adds and stores.
+  operations on a tile before the next, as DeepSpeed's ``Step_AVX``
+  (``csrc/includes/cpu_adam.h``) loops over chunks of ``TILE`` = 128 Mi elements
+  (``csrc/includes/simd.h``), each an OpenMP-parallel loop of SIMD loads, fused
+  multiply-adds and stores; the tile bounds the scratch buffer, not a cache.
 
 The arithmetic is torch's AdamW, operation for operation
 (``torch/optim/adam.py``, ``_single_tensor_adam`` with
@@ -25,8 +26,8 @@ The arithmetic is torch's AdamW, operation for operation
 ``p -= lr / (1 - b1^t) * m / denom``; so it gives torch's results bit for bit, which
 ``tests/test_offload.py`` checks. ``weight_decay=0`` is Adam. ``bench/offload.py``
 times it against ``torch.optim.Adam(foreach=True)`` on the same host tensors, and
-:func:`naive_adam_` is the scalar loop that SIMD replaces (the chapter times it on a
-few thousand elements: the SIMD chapter's point, on this step).
+:func:`naive_adam_` is the scalar loop that SIMD replaces (the chapter times it on
+20,000 elements: the SIMD chapter's point, on this step).
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ import torch
 
 __all__ = ["HostAdamW", "naive_adam_"]
 
-TILE_NUMEL = 1 << 16
-"""Elements per tile: 65,536 fp32 values are 256 KiB per array; the five arrays a
-tile touches (parameter, gradient, two moments, scratch) fit a core's L2 cache of
-1-2 MiB on current server CPUs."""
+TILE_NUMEL = 1 << 20
+"""Elements per tile: 1 Mi fp32 values, 4 MiB of scratch. Large enough for every
+core to share each tile's operations: ATen splits an elementwise op over at most
+``numel / GRAIN_SIZE`` threads (``GRAIN_SIZE = 32768``,
+``ATen/TensorIterator.h``; ``ATen/ParallelOpenMP.h``), so a 65,536-element tile
+would run on 2 threads on any host."""
 
 
 class HostAdamW(torch.optim.Optimizer):
