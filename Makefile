@@ -45,12 +45,12 @@ test: $(STAMP)
 # prints each exercise's verdict and the score, and fails unless all pass.
 # `make check-solutions` grades every chapter's own solutions (CI).
 check: $(STAMP)
-	$(PY) -m utils.grade $(CHAPTER) $(if $(ANSWERS),--answers $(ANSWERS))
+	$(PY) -m utils.grade $(CHAPTER) $(if $(ANSWERS),--answers "$(ANSWERS)")
 
 check-solutions: $(STAMP)
-	@set -e; for chapter in $$($(PY) -c "from utils.grade import graded_chapters as g; print(*g())"); do \
-		$(PY) -m utils.grade $$chapter --solutions; \
-	done
+	@set -e; chapters=$$($(PY) -c "from utils.grade import graded_chapters as g; print(*g())"); \
+	test -n "$$chapters" || { echo "check-solutions: no chapter has exercises" >&2; exit 1; }; \
+	for chapter in $$chapters; do $(PY) -m utils.grade $$chapter --solutions; done
 
 # The book without solutions, for workshops: _build/workshop/html, with its own
 # execution cache and doctrees beside it (the book's _build/html is untouched).

@@ -116,8 +116,13 @@ def test_workflow_builds_the_strict_book_and_deploys_it_to_pages():
     apt = next(i for i, c in enumerate(commands) if "apt-get install" in c)
     assert {"chromium", "nodejs", "npm"} <= set(commands[apt].split())
     assert apt < commands.index("make book")
-    checks = [c for c in commands if "pytest" in c and "tests/test_publish.py" in c]
-    assert checks and commands.index(checks[0]) > commands.index("make book")
+    # nothing is published that .ci/run would fail: tests (browser suite included),
+    # lint and the graded solutions, after the build and before the upload
+    (checks,) = [c for c in commands if c.startswith("make test")]
+    assert {"lint", "check-solutions"} <= set(checks.split())
+    assert commands.index(checks) > commands.index("make book")
+    gated = next(s for s in steps(build) if s.get("run") == checks)
+    assert gated["env"]["COURSE_REQUIRE_BROWSER"] == "1"
     (upload,) = uses(build, "actions/upload-pages-artifact")
     assert upload["with"]["path"] == "_build/html"
     assert steps(build).index(upload) > next(
@@ -165,12 +170,27 @@ def test_workflow_pushes_the_notebooks_the_buttons_open():
         for s in uses(wf["jobs"]["build"], "actions/upload-artifact")
         if s["with"]["name"] == "notebooks"
     ]
-    assert upload["with"]["path"] == "_build/html/_sources/chapters/*.ipynb"
+    # every notebook page of the book, chapters and workshop alike: each has buttons
+    pages = [
+        p.relative_to(ROOT)
+        for p in sorted(ROOT.glob("*/*.md"))
+        if "```{code-cell}" in p.read_text()
+        and p.parent.name in ("chapters", "workshop")
+    ]
+    assert {p.parts[0] for p in pages} == {"chapters", "workshop"}
+    uploaded = upload["with"]["path"].split()
+    for folder in {p.parts[0] for p in pages}:
+        assert f"_build/html/_sources/{folder}/*.ipynb" in uploaded, folder
     (download,) = uses(job, "actions/download-artifact")
     assert download["with"]["name"] == "notebooks"
     script = "\n".join(runs(job))
     assert 'git push --force origin "$commit:refs/heads/$NOTEBOOKS_BRANCH"' in script
-    assert "chapters/$(basename" in script
+    # each notebook keeps its path (chapters/x.ipynb, workshop/y.ipynb)
+    assert 'cacheinfo "100644,$blob,$nb"' in script
+    assert (
+        "test -f chapters/00-foundations.ipynb && test -f workshop/failures.ipynb"
+        in (script)
+    )
     assert wf["env"]["NOTEBOOKS_BRANCH"] == book_config()["course_notebooks_branch"]
 
 

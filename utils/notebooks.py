@@ -51,7 +51,10 @@ _LANGUAGES = {".py": "python", ".sh": "bash", ".sbatch": "bash", ".toml": "toml"
 def colab_dependencies(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
     """The course's dependencies without torch (Colab's own stays), then what the
     chapters need besides (:data:`NOTEBOOK_ONLY_DEPENDENCIES`)."""
-    import tomllib  # Python 3.11+: only the book's build and tests call this
+    try:
+        import tomllib  # Python 3.11+
+    except ModuleNotFoundError:  # 3.10: the same parser, as a package (pyproject)
+        import tomli as tomllib
 
     project = tomllib.loads(pyproject.read_text(encoding="utf8"))["project"]
     deps = [
