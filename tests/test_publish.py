@@ -256,7 +256,11 @@ def run_install_cell(monkeypatch, on_colab: bool) -> list[list[str]]:
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
     if on_colab:
-        monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("colab"))
+        colab = types.ModuleType("colab")
+        colab.output = types.SimpleNamespace(
+            enable_custom_widget_manager=lambda: calls.append("widget manager")
+        )
+        monkeypatch.setitem(sys.modules, "google.colab", colab)
     else:
         monkeypatch.delitem(sys.modules, "google.colab", raising=False)
     cell = notebooks.install_cell("https://github.com/org/course", "notebooks")
@@ -272,6 +276,8 @@ def test_install_cell_installs_the_course_on_colab_without_touching_torch(
     monkeypatch,
 ):
     calls = run_install_cell(monkeypatch, on_colab=True)
+    # ipywidgets 8's widgets render in Colab through its custom widget manager
+    assert calls.pop() == "widget manager"
     assert len(calls) == 2 and all(
         c[:4] == [sys.executable, "-m", "pip", "install"] for c in calls
     )

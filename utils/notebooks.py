@@ -63,10 +63,18 @@ def colab_dependencies(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
     return deps + [d for d in NOTEBOOK_ONLY_DEPENDENCIES if d not in deps]
 
 
-def install_source(repo_url: str, ref: str, dependencies: list[str]) -> str:
+def install_source(
+    repo_url: str, ref: str, dependencies: list[str], torch_version: str = ""
+) -> str:
     """The install cell's code: on Colab (``google.colab`` is imported in its
     kernels), ``pip install --no-deps`` the course from ``repo_url`` at ``ref``, so
-    that pip never touches Colab's torch, then the small ``dependencies``."""
+    that pip never touches Colab's torch, then the small ``dependencies``; then it
+    turns on Colab's custom widget manager for the ipywidgets 8 widgets
+    (googlecolab/colabtools#498), checks that the course's
+    ``utils`` is the one imported, and says when Colab's torch is not the pinned
+    ``torch_version`` (the doctor's pin by default)."""
+    if not torch_version:
+        from utils.doctor import PINNED_TORCH as torch_version
     if not re.fullmatch(r"https://[^\s\"']+", repo_url):
         raise ValueError(f"repo_url must be an https:// URL, got {repo_url!r}")
     if not re.fullmatch(r"[\w./-]+", ref):
@@ -87,6 +95,26 @@ def install_source(repo_url: str, ref: str, dependencies: list[str]) -> str:
             '    pip = [sys.executable, "-m", "pip", "install", "--quiet"]',
             '    subprocess.run([*pip, "--no-deps", course], check=True)',
             "    subprocess.run([*pip, *dependencies], check=True)",
+            "    try:  # the chapters' ipywidgets 8 widgets need Colab's own manager",
+            "        from google.colab import output",
+            "",
+            "        output.enable_custom_widget_manager()",
+            "    except (ImportError, AttributeError):",
+            "        print('no custom widget manager here: widgets may not show')",
+            "    try:  # a file or folder named utils beside the notebook hides ours",
+            "        import utils.lab  # noqa: F401",
+            "    except ImportError as err:",
+            "        raise ImportError(",
+            '            f"the course\'s utils package is hidden ({err}): rename the"',
+            "            \" 'utils' file or folder in the notebook's folder\"",
+            "        ) from err",
+            "    import torch",
+            "",
+            f"    if torch.__version__.split('+')[0] != {json.dumps(torch_version)}:",
+            "        print(",
+            '            f"note: this runtime\'s torch is {torch.__version__};"',
+            f'            " the course is tested with torch {torch_version}"',
+            "        )",
         ]
     )
 
