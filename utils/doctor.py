@@ -22,7 +22,11 @@ import sys
 import time
 
 PINNED_TORCH = "2.13.0"
-MIN_SHM = 1 << 30  # gloo and DataLoader workers pass tensors through /dev/shm
+MIN_SHM = 1 << 30
+"""NCCL between the GPUs of one node opens shared memory in /dev/shm: in a container
+with Docker's default 64 MiB it crashed in ``ncclShmOpen`` (pytorch/tutorials#2475,
+fixed with ``--shm-size=2gb``). The CPU labs do not use it: the launcher returns
+results by pickle over pipes, and gloo's CPU transport is TCP."""
 LOOPBACK = ("127.0.0.1", "::1")
 
 
@@ -114,10 +118,13 @@ def _shm():
     try:
         st = os.statvfs("/dev/shm")
     except OSError:
-        return "WARN", "missing", "gloo falls back to slower paths"
+        return "WARN", "missing", "NCCL on several GPUs needs it; the CPU labs do not"
     size = st.f_frsize * st.f_blocks
     if size < MIN_SHM:
-        fix = "in docker, start the container with --shm-size=8g (or --ipc=host)"
+        fix = (
+            "for NCCL on several GPUs, in docker start the container with "
+            "--shm-size=8g (or --ipc=host); the CPU labs do not need it"
+        )
         return "WARN", f"{_gib(size)} (under 1 GiB)", fix
     return "OK", _gib(size), None
 
