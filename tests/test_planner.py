@@ -246,3 +246,25 @@ def test_model_spec_validates():
         ModelSpec(2, 32, 4, 16, 64, kv_heads=3)
     with pytest.raises(LayoutError):
         estimate(ModelSpec(2, 32, 4, 16, 64, ffn=30), tp=4)
+
+
+@pytest.mark.parametrize("tp,dp,pp", [(2, 2, 8), (4, 2, 4), (2, 8, 2), (8, 1, 4)])
+def test_each_axis_is_priced_on_the_links_its_groups_use(tp, dp, pp):
+    """An axis whose groups stay inside a node (``link_rows``, from the groups of
+    ``ParallelDims``) goes over the node's links, the others over the NICs."""
+    from utils.combined.figures import link_rows
+    from utils.dims import ParallelDims
+    from utils.planner import step_time
+
+    cluster = CLUSTERS["DGX A100 x 16"]
+    spec = PRESETS["Llama 3 8B"]
+    est = estimate(spec, dp=dp, tp=tp, pp=pp, micro_batches=pp)
+    seconds = step_time(spec, est, cluster)
+    dims = ParallelDims(dp=dp, tp=tp, pp=pp, world_size=dp * tp * pp)
+    for row in link_rows(dims, cluster.gpus_per_node):
+        inside = row["across"] == 0
+        link = (
+            cluster.intra_node_bytes_per_s if inside else cluster.inter_node_bytes_per_s
+        )
+        axis = row["axis"]
+        assert seconds[axis] == pytest.approx(est.comm[axis] / link), (axis, inside)

@@ -545,9 +545,11 @@ def step_time(model: ModelSpec, est: Estimate, cluster: Cluster) -> dict[str, fl
     2020, section 2.1; Narayanan et al. 2021, section 5.1 gives the full count with
     attention, which this leaves out), 8 x with full recomputation, spread over all
     GPUs at ``cluster.mfu`` of peak, stretched by 1 / (1 - bubble). Communication:
-    tp over the links inside a node (when the tp group fits in a node), pp and dp
-    across nodes when they span nodes; dp is taken as hidden behind backward except
-    for its last bucket (not modelled: it counts whole), tp and pp not hidden.
+    each axis over the links inside a node when its groups fit in one, across nodes
+    otherwise, with ranks in ``ParallelDims`` order (tp fastest, then dp, then pp: a
+    tp group spans tp consecutive ranks, a dp group tp x dp, a pp group all of them;
+    ``utils.combined.figures.link_rows`` counts the same from the groups). Nothing is
+    hidden behind compute: every axis's bytes count whole (no overlap is modelled).
     """
     lay = est.layout
     gpus = lay["dp"] * lay["tp"] * lay["pp"]
@@ -557,8 +559,8 @@ def step_time(model: ModelSpec, est: Estimate, cluster: Cluster) -> dict[str, fl
     compute /= 1 - est.bubble
     intra, inter = cluster.intra_node_bytes_per_s, cluster.inter_node_bytes_per_s
     tp_link = intra if lay["tp"] <= cluster.gpus_per_node else inter
-    pp_link = intra if lay["tp"] * lay["pp"] <= cluster.gpus_per_node else inter
-    dp_link = intra if gpus <= cluster.gpus_per_node else inter
+    dp_link = intra if lay["tp"] * lay["dp"] <= cluster.gpus_per_node else inter
+    pp_link = intra if gpus <= cluster.gpus_per_node else inter
     out = {
         "compute": compute,
         "tp": est.comm["tp"] / tp_link,

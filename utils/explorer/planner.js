@@ -649,8 +649,9 @@
     const intra = cluster.intra_node_bytes_per_s;
     const inter = cluster.inter_node_bytes_per_s;
     const tpLink = lay.tp <= cluster.gpus_per_node ? intra : inter;
-    const ppLink = lay.tp * lay.pp <= cluster.gpus_per_node ? intra : inter;
-    const dpLink = gpus <= cluster.gpus_per_node ? intra : inter;
+    // ParallelDims order: a dp group spans tp x dp ranks, a pp group all of them
+    const dpLink = lay.tp * lay.dp <= cluster.gpus_per_node ? intra : inter;
+    const ppLink = gpus <= cluster.gpus_per_node ? intra : inter;
     const out = {
       compute,
       tp: Number(est.comm.tp) / tpLink,
