@@ -13,7 +13,7 @@ planner's prediction for its stage (``utils.planner.estimate`` in fp32, the
 course GPT's activations), which the chapter and the tests compare with it::
 
     python -m labs.combined                         # 2 x 2 x 2 on 8 ranks
-    python -m labs.combined --dp-size 1 --tp-size 2 --pp-size 2   # 4 ranks
+    python -m labs.combined --world-size 4 --dp-size 1 --tp-size 2 --pp-size 2
     python -m labs.combined --zero-stage 2 --schedule gpipe --micro-batches 8
     torchrun --nproc-per-node 8 -m labs.combined
 """
