@@ -348,15 +348,19 @@ def _in_flight(schedule: str, pp: int, stage: int, m: int, v: int) -> Fraction:
     GPipe stashes all m; 1F1B and ZB-H1 at most p - stage (Narayanan et al. 2021,
     section 2.2.1; the first stage holds p, so p micro-batches of L/p layers: the
     activations of the whole model's L layers, Korthikanti et al. 2022, section
-    4.2.3); interleaved 1F1B multiplies that by 1 + (p - 1)/(p v), the factor
-    Megatron-LM's own estimator applies (``interleaved_schedule_memory_penalty`` in
+    4.2.3); interleaved 1F1B holds its warm-up's chunk-micro-batches plus the one in
+    flight, 2(p - stage - 1) + (v - 1) p + 1 chunks of L/(p v) layers (Megatron-LM's
+    ``get_pp_rank_microbatches``, ``num_warmup_microbatches``), so
+    (v p + p - 1) / v at the first stage: p times 1 + (p - 1)/(p v), the factor
+    Megatron-LM's own estimator applies to that stage
+    (``interleaved_schedule_memory_penalty`` in
     ``megatron/training/theoretical_memory_usage.py``). Never more than m."""
     if schedule == "gpipe":
         return Fraction(m)
-    held = Fraction(min(m, pp - stage))
     if schedule == "interleaved":
-        held = min(Fraction(m), held * (1 + Fraction(pp - 1, pp * v)))
-    return held
+        chunks = 2 * (pp - stage - 1) + (v - 1) * pp + 1
+        return Fraction(min(m * v, chunks), v)
+    return Fraction(min(m, pp - stage))
 
 
 def estimate(

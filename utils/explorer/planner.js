@@ -441,15 +441,15 @@
   }
 
   /** planner._in_flight: GPipe m; 1F1B and ZB-H1 min(m, p - stage); interleaved
-   * times 1 + (p - 1)/(p v) (Megatron-LM's interleaved_schedule_memory_penalty),
+   * min(m v, 2(p - stage - 1) + (v - 1) p + 1) / v chunks (Megatron-LM's warm-up),
    * never more than m. A fraction of micro-batches. */
   function inFlight(schedule, pp, stage, m, v) {
     if (schedule === "gpipe") return frac(m);
-    let held = frac(Math.min(m, pp - stage));
     if (schedule === "interleaved") {
-      held = fmin(frac(m), fmul(held, fadd(frac(1), frac(pp - 1, pp * v))));
+      const chunks = 2 * (pp - stage - 1) + (v - 1) * pp + 1;
+      return frac(Math.min(m * v, chunks), v);
     }
-    return held;
+    return frac(Math.min(m, pp - stage));
   }
 
   const ESTIMATE_DEFAULTS = {
