@@ -42,16 +42,21 @@ def _private(path: Path, what: str) -> None:
         )
 
 
+def _private_folder(path: Path, what: str) -> Path:
+    """``path``, made 0700 if it is not there, refused unless it is ours alone."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    _private(path, what)
+    return path
+
+
 def exercise_file(name: str) -> Path:
     """A path for learner code in this user's private exercise folder."""
     if os.sep in name or name in ("", ".", ".."):
         raise ValueError(f"exercise file name must be a plain name, got {name!r}")
-    try:
-        EXERCISE_DIR.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    _private(EXERCISE_DIR, "exercise folder")
-    return EXERCISE_DIR / name
+    return _private_folder(EXERCISE_DIR, "exercise folder") / name
 
 
 SOLUTION_DIR = EXERCISE_DIR / "solutions"
@@ -63,12 +68,7 @@ as the learner wrote it and ``make check`` grades only what the learner wrote.""
 def solution_file(name: str) -> Path:
     """The path a chapter's solution writes ``name`` to (not the learner's file)."""
     exercise_file(name)  # the name and the private parent folder, checked
-    try:
-        SOLUTION_DIR.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    _private(SOLUTION_DIR, "solutions folder")
-    return SOLUTION_DIR / name
+    return _private_folder(SOLUTION_DIR, "solutions folder") / name
 
 
 def load_function(path, name: str):

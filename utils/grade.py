@@ -151,8 +151,8 @@ def exercises(chapter: str) -> list[Exercise]:
         files = _EXERCISE_FILE.findall(" ".join(_cells(match.group("body"))))
         written, driver, own = {}, [], {}
         for cell in _cells(solutions[label]):
-            if _SOLUTION_FILE.fullmatch(cell.strip()):
-                own.update([_SOLUTION_FILE.fullmatch(cell.strip()).groups()[:2]])
+            if own_file := _SOLUTION_FILE.fullmatch(cell.strip()):
+                own[own_file.group(1)] = own_file.group(2)
                 continue
             head, _, rest = cell.partition("\n")
             target = _WRITEFILE.fullmatch(head.strip())

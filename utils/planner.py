@@ -350,7 +350,9 @@ def _in_flight(schedule: str, pp: int, stage: int, m: int, v: int) -> Fraction:
     activations of the whole model's L layers, Korthikanti et al. 2022, section
     4.2.3); interleaved 1F1B holds its warm-up's chunk-micro-batches plus the one in
     flight, 2(p - stage - 1) + (v - 1) p + 1 chunks of L/(p v) layers (Megatron-LM's
-    ``get_pp_rank_microbatches``, ``num_warmup_microbatches``), so
+    ``num_warmup_microbatches`` in ``get_pp_rank_microbatches``,
+    ``megatron/core/pipeline_parallel/schedules.py``, with its default micro-batch
+    group of p), so
     (v p + p - 1) / v at the first stage: p times 1 + (p - 1)/(p v), the factor
     Megatron-LM's own estimator applies to that stage
     (``interleaved_schedule_memory_penalty`` in

@@ -148,7 +148,6 @@
   const fadd = (x, y) => frac(x.n * y.d + y.n * x.d, x.d * y.d);
   const fmul = (x, y) => frac(x.n * y.n, x.d * y.d);
   const fdiv = (x, y) => frac(x.n * y.d, x.d * y.n);
-  const fmin = (x, y) => (x.n * y.d <= y.n * x.d ? x : y);
   /** math.ceil of a Fraction */
   function fceil(x) {
     const q = x.n / x.d; // truncates toward zero
